@@ -1,0 +1,146 @@
+"""Every measurement of the paper, callable on any :class:`PatientBatch` at any phase.
+
+Each assessment is a function ``(batch, noise) -> list of rows`` registered in :data:`ASSESSMENTS`
+under the name a schedule uses; a row is a dict with ``patient``, ``metric``, ``condition``,
+``noise_sigma`` and ``value`` (units in ``docs/results-schema.md``). Test conditions come from
+``protocol.assessment`` (Methods; facts 4-6).
+
+Examples
+--------
+>>> from virtualpatient import Protocol, VirtualPatient
+>>> patient = VirtualPatient(0, Protocol())
+>>> rows = assess(patient, ["sparsity", "gain"], stream="demo")
+>>> [(r["metric"], r["value"]) for r in rows]
+[('sparsity', 0.0), ('gain', 1.0)]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from virtualpatient.network import BiasedNoise, NoiseSource
+
+__all__ = ["ACUTE", "ASSESSMENTS", "OFF_MEDICATION", "assess", "register_assessment"]
+
+Row = dict[str, Any]
+Assessment = Callable[..., list[Row]]
+
+ASSESSMENTS: dict[str, Assessment] = {}
+
+#: What is measured after the lesion and after each acute course (Tables 1-3).
+ACUTE = ("sparsity", "clean", "standard", "combined", "resilience", "biased", "gain", "activation_magnitude")
+#: What is measured with a state-dependent arm's module switched off (fact 12).
+OFF_MEDICATION = ("combined", "off_medication_noise", "biased", "activation_magnitude")
+
+
+def register_assessment(name: str) -> Callable[[Assessment], Assessment]:
+    """Decorator: make an assessment available by name."""
+
+    def deco(fn: Assessment) -> Assessment:
+        ASSESSMENTS[name] = fn
+        return fn
+
+    return deco
+
+
+def rows_for(batch, metric: str, values: torch.Tensor | Sequence[float], condition: str = "",
+             noise_sigma: float = math.nan) -> list[Row]:
+    """One row per patient of ``batch``."""
+    values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+    return [
+        {"patient": s.index, "metric": metric, "condition": condition, "noise_sigma": noise_sigma, "value": float(v)}
+        for s, v in zip(batch.specs, values)
+    ]
+
+
+@register_assessment("sparsity")
+def sparsity(batch, noise: NoiseSource | None = None) -> list[Row]:
+    """Share of pruned weights over all weight matrices, percent (fact 7)."""
+    return rows_for(batch, "sparsity", batch.sparsity())
+
+
+@register_assessment("clean")
+def clean(batch, noise: NoiseSource | None = None) -> list[Row]:
+    """Accuracy on the noise-free set (points on the centres)."""
+    mod = batch.modulation.replace(noise_sigma=0.0)
+    return rows_for(batch, "accuracy", batch.accuracy("clean", mod=mod), "clean")
+
+
+@register_assessment("standard")
+def standard(batch, noise: NoiseSource | None = None) -> list[Row]:
+    """Accuracy on the standard set (training noise), no internal noise."""
+    mod = batch.modulation.replace(noise_sigma=0.0)
+    return rows_for(batch, "accuracy", batch.accuracy("standard", mod=mod), "standard")
+
+
+@register_assessment("combined")
+def combined(batch, noise: NoiseSource) -> list[Row]:
+    """Combined stress: input noise plus internal noise on the standard set (fact 4)."""
+    cfg = batch.protocol.assessment
+    mod = batch.modulation.replace(noise_sigma=cfg.combined_internal_sigma)
+    acc = batch.accuracy("standard", mod=mod, input_sd=cfg.combined_input_sd, noise=noise)
+    return rows_for(batch, "accuracy", acc, "combined")
+
+
+def _internal_noise(batch, noise: NoiseSource, sigmas: Sequence[float]) -> list[Row]:
+    rows = []
+    for sigma in sigmas:
+        mod = batch.modulation.replace(noise_sigma=float(sigma))
+        acc = batch.accuracy("standard", mod=mod, noise=noise)
+        rows += rows_for(batch, "accuracy", acc, "internal_noise", float(sigma))
+    return rows
+
+
+@register_assessment("resilience")
+def resilience(batch, noise: NoiseSource) -> list[Row]:
+    """The resilience curve: accuracy at each internal-noise level (Table 2; fact 4)."""
+    return _internal_noise(batch, noise, batch.protocol.assessment.resilience_sigmas)
+
+
+@register_assessment("off_medication_noise")
+def off_medication_noise(batch, noise: NoiseSource) -> list[Row]:
+    """Accuracy at the off-medication noise levels (the paper: extreme, sigma 2.5; fact 12)."""
+    return _internal_noise(batch, noise, batch.protocol.assessment.off_medication_sigmas)
+
+
+@register_assessment("biased")
+def biased(batch, noise: NoiseSource) -> list[Row]:
+    """Accuracy under biased positive noise, the manic-switch proxy (fact 5)."""
+    cfg = batch.protocol.assessment
+    mod = batch.modulation.replace(noise_sigma=0.0)
+    acc = batch.accuracy("standard", mod=mod, noise=noise, biased=BiasedNoise(cfg.biased_sigma, cfg.biased_shift))
+    return rows_for(batch, "accuracy", acc, "biased")
+
+
+@register_assessment("gain")
+def gain(batch, noise: NoiseSource | None = None) -> list[Row]:
+    """The nominal gain multiplier (Table 3)."""
+    return rows_for(batch, "gain", [batch.modulation.gain] * len(batch))
+
+
+@register_assessment("activation_magnitude")
+def activation_magnitude(batch, noise: NoiseSource | None = None) -> list[Row]:
+    """Mean absolute hidden activation, the latent-excitability proxy (fact 6)."""
+    return rows_for(batch, "activation_magnitude", batch.activation_magnitude())
+
+
+def assess(batch, names: Sequence[str], stream: str) -> list[Row]:
+    """Run the named assessments in order, drawing all noise from one per-patient stream.
+
+    Raises
+    ------
+    ValueError
+        For an unknown assessment name.
+    """
+    unknown = [n for n in names if n not in ASSESSMENTS]
+    if unknown:
+        raise ValueError(f"unknown assessment(s) {unknown} (known: {', '.join(sorted(ASSESSMENTS))})")
+    noise = batch.noise(stream)
+    rows: list[Row] = []
+    for name in names:
+        rows += ASSESSMENTS[name](batch, noise)
+    return rows

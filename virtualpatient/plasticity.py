@@ -1,0 +1,164 @@
+"""Structural plasticity: magnitude pruning and regrowth of pruned synapses.
+
+Pruning is the depressive lesion (fact 7) and the acute-relapse stressor (fact 11). Regrowth is the
+ketamine-like mechanism (fact 8). As in RigL, *which* positions grow (a score) is separate from
+*how many* and *with what values* (:func:`regrow`), so a random-regrowth control is one small
+score function.
+
+Examples
+--------
+>>> import torch
+>>> from virtualpatient.network import Params
+>>> w = torch.arange(1.0, 21.0).view(1, 4, 5)
+>>> p = Params([w], [torch.zeros(1, 4)])
+>>> prune_per_layer(p, [0.5])
+>>> int(p.masks[0].sum())
+10
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from virtualpatient.network import Modulation, Params, batch_loss, epoch_batches, gather_batch
+
+__all__ = [
+    "gradient_scores",
+    "prune_global",
+    "prune_per_layer",
+    "random_scores",
+    "regrow",
+]
+
+
+def _keep_top(magnitude: torch.Tensor, alive: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mask keeping entries with magnitude at or above the ``fraction`` quantile, among alive ones."""
+    threshold = torch.quantile(magnitude.flatten().double(), fraction).to(magnitude.dtype)
+    return ((magnitude >= threshold) & alive).to(magnitude.dtype)
+
+
+def prune_per_layer(params: Params, fractions: Sequence[float], layers: Sequence[int] | None = None) -> None:
+    """One-shot magnitude pruning of each layer on its own (fact 7).
+
+    In every chosen weight matrix a patient keeps the weights whose ``|w|`` is at or above the
+    ``fraction`` quantile of that matrix's ``|w|`` (already-pruned weights count as zeros and stay
+    pruned). Masks are updated and weights zeroed in place; biases are never pruned.
+
+    Parameters
+    ----------
+    fractions
+        Target sparsity per patient, in [0, 1).
+    layers
+        Indices of the weight matrices to prune (default: all).
+    """
+    _check_fractions(params, fractions)
+    layers = range(len(params.weights)) if layers is None else layers
+    with torch.no_grad():
+        for i in layers:
+            w, m = params.weights[i], params.masks[i]
+            for p, frac in enumerate(fractions):
+                m[p] = _keep_top(w[p].abs(), m[p] > 0, frac)
+    params.apply_masks()
+
+
+def prune_global(params: Params, fractions: Sequence[float], layers: Sequence[int]) -> None:
+    """Magnitude pruning with one threshold across the chosen layers together (the text's reading).
+
+    The paper's text prunes "across the three hidden layers the 95 % smallest-magnitude weights";
+    this pools ``|w|`` of ``layers`` per patient and keeps those at or above its quantile.
+    """
+    _check_fractions(params, fractions)
+    with torch.no_grad():
+        for p, frac in enumerate(fractions):
+            pooled = torch.cat([params.weights[i][p].abs().flatten() for i in layers])
+            threshold = torch.quantile(pooled.double(), frac).to(pooled.dtype)
+            for i in layers:
+                w, m = params.weights[i], params.masks[i]
+                m[p] = ((w[p].abs() >= threshold) & (m[p] > 0)).to(m.dtype)
+    params.apply_masks()
+
+
+def _check_fractions(params: Params, fractions: Sequence[float]) -> None:
+    if len(fractions) != params.n_patients:
+        raise ValueError(f"need one pruning fraction per patient ({params.n_patients}), got {len(fractions)}")
+    for f in fractions:
+        if not 0.0 <= f < 1.0:
+            raise ValueError(f"pruning fraction must lie in [0, 1), got {f}")
+
+
+def gradient_scores(
+    params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    n_batches: int,
+    batch_size: int,
+    mod: Modulation,
+    stab,
+    shuffle: Sequence[torch.Generator],
+) -> list[torch.Tensor]:
+    """Sum of ``|dLoss/dw|`` over the first ``n_batches`` shuffled mini-batches (no optimiser step).
+
+    Pruned weights are zero but their gradient is not: it says how much the loss would fall if the
+    synapse came back ("strong silent synapses", fact 8).
+    """
+    scores = [torch.zeros_like(w) for w in params.weights]
+    weights = [w.detach().requires_grad_(True) for w in params.weights]
+    probe = Params(weights, params.biases, params.masks)
+    batches = epoch_batches(x.shape[1], batch_size, shuffle, x.device)[:n_batches]
+    for idx in batches:
+        xb, yb = gather_batch(x, y, idx)
+        grads = torch.autograd.grad(batch_loss(probe, xb, yb, mod, stab, None).sum(), weights)
+        for s, g in zip(scores, grads):
+            s.add_(g.abs())
+    return scores
+
+
+def random_scores(params: Params, generators: Sequence[torch.Generator]) -> list[torch.Tensor]:
+    """Uniform random scores: the random-regrowth control."""
+    return [
+        torch.stack([torch.rand(w.shape[1:], generator=g) for g in generators]).to(w.device)
+        for w in params.weights
+    ]
+
+
+def regrow(
+    params: Params,
+    scores: Sequence[torch.Tensor],
+    fractions: Sequence[float],
+    init_sd: float,
+    generators: Sequence[torch.Generator],
+) -> list[torch.Tensor]:
+    """Reinstate the top-scored pruned positions of every layer with N(0, init_sd^2) values.
+
+    In each layer a patient regrows ``floor(fraction * pruned count)`` of its pruned positions,
+    those with the highest score; the mask is set to 1 there (fact 8).
+
+    Returns
+    -------
+    list of Tensor
+        Per layer, a bool ``[P, out, in]`` marking the reinstated positions.
+    """
+    if len(fractions) != params.n_patients:
+        raise ValueError(f"need one regrowth fraction per patient ({params.n_patients}), got {len(fractions)}")
+    grown = []
+    with torch.no_grad():
+        for w, m, s in zip(params.weights, params.masks, scores):
+            new = torch.zeros_like(m, dtype=torch.bool)
+            for p, (frac, g) in enumerate(zip(fractions, generators)):
+                if not 0.0 <= frac <= 1.0:
+                    raise ValueError(f"regrowth fraction must lie in [0, 1], got {frac}")
+                pruned = m[p] == 0
+                k = int(frac * int(pruned.sum()))
+                values = torch.randn(w.shape[1:], generator=g).to(w.device) * init_sd
+                if k == 0:
+                    continue
+                candidate = torch.where(pruned, s[p], torch.full_like(s[p], -torch.inf))
+                top = candidate.flatten().topk(k).indices
+                new[p].view(-1)[top] = True
+                w[p].view(-1)[top] = values.flatten()[top]
+                m[p].view(-1)[top] = 1.0
+            grown.append(new)
+    return grown
