@@ -35,8 +35,10 @@ __all__ = [
 
 def _keep_top(magnitude: torch.Tensor, alive: torch.Tensor, fraction: float) -> torch.Tensor:
     """Mask keeping entries with magnitude at or above the ``fraction`` quantile, among alive ones."""
-    threshold = torch.quantile(magnitude.flatten().double(), fraction).to(magnitude.dtype)
-    return ((magnitude >= threshold) & alive).to(magnitude.dtype)
+    # Compare in float64: rounding the threshold to float32 could let one weight below it survive.
+    exact = magnitude.double()
+    threshold = torch.quantile(exact.flatten(), fraction)
+    return ((exact >= threshold) & alive).to(magnitude.dtype)
 
 
 def prune_per_layer(params: Params, fractions: Sequence[float], layers: Sequence[int] | None = None) -> None:
@@ -72,11 +74,11 @@ def prune_global(params: Params, fractions: Sequence[float], layers: Sequence[in
     _check_fractions(params, fractions)
     with torch.no_grad():
         for p, frac in enumerate(fractions):
-            pooled = torch.cat([params.weights[i][p].abs().flatten() for i in layers])
-            threshold = torch.quantile(pooled.double(), frac).to(pooled.dtype)
+            pooled = torch.cat([params.weights[i][p].abs().flatten() for i in layers]).double()
+            threshold = torch.quantile(pooled, frac)
             for i in layers:
                 w, m = params.weights[i], params.masks[i]
-                m[p] = ((w[p].abs() >= threshold) & (m[p] > 0)).to(m.dtype)
+                m[p] = ((w[p].abs().double() >= threshold) & (m[p] > 0)).to(m.dtype)
     params.apply_masks()
 
 
