@@ -21,13 +21,15 @@ Examples
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
+import pydantic
 import torch
-from pydantic import ConfigDict, model_validator
+from pydantic import ConfigDict, ValidationInfo, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 __all__ = ["Cohort", "CohortConfig", "Distribution", "PatientSpec", "stream_seed"]
@@ -35,12 +37,30 @@ __all__ = ["Cohort", "CohortConfig", "Distribution", "PatientSpec", "stream_seed
 COVARIATES = ("prune_fraction", "regrowth_fraction", "lr_scale")
 
 
+#: The parameters each kind of distribution takes (required, optional).
+DISTRIBUTION_PARAMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "uniform": (("low", "high"), ()),
+    "normal": (("mean", "sd"), ("low", "high")),
+    "choice": (("values",), ()),
+}
+
+#: Allowed range of each covariate: (low, high, whether low itself is allowed, whether high is).
+COVARIATE_LIMITS: dict[str, tuple[float, float, bool, bool]] = {
+    "prune_fraction": (0.0, 1.0, True, False),
+    "regrowth_fraction": (0.0, 1.0, True, True),
+    "lr_scale": (0.0, np.inf, False, False),
+}
+
+
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class Distribution:
     """A named distribution a covariate is drawn from, once per patient.
 
     ``uniform(low, high)``; ``normal(mean, sd)``, truncated to ``[low, high]`` when given (by
-    redrawing); ``choice(values)``, uniformly among the values.
+    redrawing; the range must hold at least 1 % of the mass); ``choice(values)``, uniformly among
+    the values. A parameter the kind does not take is refused.
+
+    In a study file: ``prune_fraction = {kind = "uniform", low = 0.85, high = 0.98}``.
     """
 
     kind: Literal["uniform", "normal", "choice"]
@@ -52,16 +72,35 @@ class Distribution:
 
     @model_validator(mode="after")
     def _check(self) -> Distribution:
-        if self.kind == "uniform" and (self.low is None or self.high is None or self.low >= self.high):
-            raise ValueError("uniform needs low < high")
+        required, optional = DISTRIBUTION_PARAMS[self.kind]
+        given = {k for k in ("low", "high", "mean", "sd", "values") if getattr(self, k) is not None}
+        if missing := [k for k in required if k not in given]:
+            raise ValueError(f"{self.kind} needs {' and '.join(required)} (missing {', '.join(missing)})")
+        if extra := sorted(given - set(required) - set(optional)):
+            raise ValueError(f"{self.kind} takes no {', '.join(extra)} (it takes {', '.join(required + optional)})")
+        if self.low is not None and self.high is not None and not self.low < self.high:
+            raise ValueError(f"{self.kind} needs low < high, got low={self.low}, high={self.high}")
+        if any(not np.isfinite(getattr(self, k)) for k in ("low", "high", "mean", "sd") if k in given) or (
+                self.values is not None and not np.all(np.isfinite(self.values))):
+            raise ValueError(f"{self.kind} parameters must be finite numbers")
         if self.kind == "normal":
-            if self.mean is None or self.sd is None or self.sd <= 0:
-                raise ValueError("normal needs mean and sd > 0")
-            if self.low is not None and self.high is not None and self.low >= self.high:
-                raise ValueError("normal truncation needs low < high")
+            if self.sd <= 0:
+                raise ValueError(f"normal needs sd > 0, got {self.sd}")
+            if self.mass() < 0.01:
+                raise ValueError(f"normal(mean={self.mean}, sd={self.sd}) puts under 1 % of its mass in "
+                                 f"[{self.low}, {self.high}]; move the mean into the range or widen it")
         if self.kind == "choice" and not self.values:
             raise ValueError("choice needs a non-empty list of values")
         return self
+
+    def mass(self) -> float:
+        """Share of the untruncated distribution inside ``[low, high]`` (1 for uniform and choice)."""
+        if self.kind != "normal":
+            return 1.0
+        cdf = lambda x: 0.5 * (1.0 + math.erf((x - self.mean) / (self.sd * math.sqrt(2.0))))  # noqa: E731
+        low = 0.0 if self.low is None else cdf(self.low)
+        high = 1.0 if self.high is None else cdf(self.high)
+        return high - low
 
     def sample(self, rng: np.random.Generator) -> float:
         """Draw one value."""
@@ -85,6 +124,30 @@ class Distribution:
         high = np.inf if self.high is None else self.high
         return low, high
 
+    @classmethod
+    def parse(cls, table: dict[str, Any]) -> Distribution:
+        """Build a distribution from a study-file table, with a one-line error naming the problem."""
+        kind = table.get("kind")
+        if kind is None:
+            raise ValueError(f"a distribution table needs kind = one of {', '.join(map(repr, DISTRIBUTION_PARAMS))}")
+        if kind not in DISTRIBUTION_PARAMS:
+            raise ValueError(f"unknown distribution {kind!r} (known: {', '.join(DISTRIBUTION_PARAMS)})")
+        try:
+            return cls(**table)
+        except pydantic.ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                where = ".".join(str(p) for p in err["loc"])
+                if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+                    problems.append(f"{where}: unknown key")
+                else:
+                    msg = err["msg"].removeprefix("Value error, ")
+                    problems.append(f"{where}: {msg}" if where else msg)
+            text = "; ".join(problems)
+            raise ValueError(text if text.startswith(kind) else f"{kind}: {text}") from None
+        except TypeError as exc:
+            raise ValueError(f"{kind}: {exc}") from None
+
 
 Covariate = float | Distribution | None
 
@@ -93,32 +156,50 @@ Covariate = float | Distribution | None
 class CohortConfig:
     """Per-patient covariates; ``None`` means "the protocol's value for everyone".
 
+    Each is a number (the same for every patient) or a :class:`Distribution` drawn once per
+    patient from the patient's own stream ``cohort/<covariate>``.
+
     Attributes
     ----------
     prune_fraction
-        Pruning depth of the lesion (default: ``pruning.fraction``, 0.95).
+        Pruning depth of the lesion, in [0, 1) (default: ``pruning.fraction``, 0.95).
     regrowth_fraction
-        Plasticity reserve of a regrowth arm: the share of pruned positions it can reinstate
-        (default: the arm's own ``regrow_fraction``, 0.5).
+        Plasticity reserve of a regrowth arm: the share of pruned positions it can reinstate, in
+        [0, 1] (default: the arm's own ``regrow_fraction``, 0.5).
     lr_scale
-        Plasticity reserve as a multiplier of every learning rate after the baseline (default 1).
+        Plasticity reserve as a multiplier (> 0) of every learning rate after the baseline (default 1).
     """
 
     prune_fraction: Covariate = None
     regrowth_fraction: Covariate = None
     lr_scale: Covariate = None
 
-    @model_validator(mode="after")
-    def _ranges(self) -> CohortConfig:
-        limits = {"prune_fraction": (0.0, 1.0), "regrowth_fraction": (0.0, 1.0), "lr_scale": (0.0, np.inf)}
-        for name, (lo, hi) in limits.items():
-            value = getattr(self, name)
-            if value is None:
-                continue
-            vlo, vhi = value.bounds() if isinstance(value, Distribution) else (value, value)
-            if not (lo <= vlo and vhi < hi) or (name == "lr_scale" and vlo <= 0):
-                raise ValueError(f"{name} must lie in [{lo}, {hi}) (lr_scale > 0); got range [{vlo}, {vhi}]")
-        return self
+    @field_validator(*COVARIATES, mode="before")
+    @classmethod
+    def _parse(cls, value: Any) -> Any:
+        if value is None or isinstance(value, Distribution):
+            return value
+        if isinstance(value, dict):
+            return Distribution.parse(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be a number or a distribution table like {{kind = \"uniform\", low = ..., "
+                             f"high = ...}}, got {type(value).__name__} {value!r}")
+        return float(value)
+
+    @field_validator(*COVARIATES, mode="after")
+    @classmethod
+    def _range(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return value
+        lo, hi, lo_ok, hi_ok = COVARIATE_LIMITS[info.field_name]
+        vlo, vhi = value.bounds() if isinstance(value, Distribution) else (value, value)
+        if not ((vlo > lo or (lo_ok and vlo == lo)) and (vhi < hi or (hi_ok and vhi == hi))):
+            interval = f"{'[' if lo_ok else '('}{lo:g}, {hi:g}{']' if hi_ok else ')'}"
+            got = f"{vlo:g}" if vlo == vhi else f"values in [{vlo:g}, {vhi:g}]"
+            if not (np.isfinite(vlo) and np.isfinite(vhi)):
+                got += " (give low and high to truncate the normal)"
+            raise ValueError(f"must lie in {interval}, got {got}")
+        return value
 
 
 def stream_seed(study_seed: int, patient: int, name: str) -> np.random.SeedSequence:

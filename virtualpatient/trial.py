@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from virtualpatient import plasticity
 from virtualpatient.assessments import ACUTE, OFF_MEDICATION, assess
@@ -176,11 +175,11 @@ def acute_relapse(batch: PatientBatch, arm: str, before: Sequence[float]) -> lis
 def _baseline_payloads(protocol_data: dict, spec_data: list[dict]) -> list[dict[str, Any]]:
     """Process-safe entry point: plain data in, plain data out."""
     protocol = Protocol.from_dict(protocol_data)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     return run_baseline(protocol, [PatientSpec.from_dict(s) for s in spec_data])
 
 
 def _arm_payloads(protocol_data: dict, arm: str, states: list[dict]) -> dict[int, list[dict]]:
+    """Process-safe entry point: the protocol as a dict and pruned state dicts in, rows and weights out."""
     protocol = Protocol.from_dict(protocol_data)
     pruned = PatientBatch.stack([PatientBatch.from_state_dict(s, protocol) for s in states])
     return run_arm(protocol, arm, pruned)
@@ -261,6 +260,7 @@ class ClinicalTrial:
 
         epochs = self.epochs_per_patient()
         arms = list(self.protocol.arms)
+        self._verify(store, ["baseline", *arms])
         todo_base = [s for s in self.cohort if not store.has("baseline", s.index)]
         todo_arm = {a: [s for s in self.cohort if not store.has(a, s.index)] for a in arms}
         total = len(todo_base) * epochs["baseline"] + sum(len(v) * epochs[a] for a, v in todo_arm.items())
@@ -273,6 +273,13 @@ class ClinicalTrial:
                 self._run_executor(store, todo_base, todo_arm, bar, epochs)
         finally:
             bar.close()
+
+    def _verify(self, store: RunStore, kinds: list[str]) -> None:
+        """Read every finished unit once, so a damaged file stops the run before any work (and stays)."""
+        for kind in kinds:
+            for s in self.cohort:
+                if store.has(kind, s.index):
+                    store.load_unit(kind, s.index)
 
     def _pruned(self, store: RunStore, specs: list[PatientSpec]) -> list[dict]:
         return [store.load_unit("baseline", s.index)["state"] for s in specs]
@@ -320,16 +327,20 @@ class ClinicalTrial:
         ready = [s for s in self.cohort if s not in todo_base]
         for chunk in self._chunks(ready):
             submit_arms(chunk)
-        while pending:
-            fut = next(as_completed(pending))
-            kind, chunk = pending.pop(fut)
-            result = fut.result()
-            if kind == "baseline":
-                self._save_baseline(store, result)
-                submit_arms(chunk)
-            else:
-                self._save_arm(store, kind, chunk, result)
-            bar.update(len(chunk) * epochs[kind])
+        try:
+            while pending:
+                fut = next(as_completed(pending))
+                kind, chunk = pending.pop(fut)
+                result = fut.result()
+                if kind == "baseline":
+                    self._save_baseline(store, result)
+                    submit_arms(chunk)
+                else:
+                    self._save_arm(store, kind, chunk, result)
+                bar.update(len(chunk) * epochs[kind])
+        finally:
+            for fut in pending:  # after a failure: drop queued units (finished ones are stored)
+                fut.cancel()
 
     def _assemble(self, store: RunStore) -> pd.DataFrame:
         rows: list[dict] = []
