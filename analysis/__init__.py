@@ -1,0 +1,56 @@
+"""Cohort statistics, the paper's tables, figures and the reproduction report.
+
+The modules each hold one concept:
+
+- :mod:`analysis.tables` - the paper's Tables 1-4 beside the published numbers;
+- :mod:`analysis.summaries` - per-arm descriptive statistics with confidence intervals;
+- :mod:`analysis.stats` - within-patient arm comparisons;
+- :mod:`analysis.longitudinal` - relapse GEE and wash-out mixed model;
+- :mod:`analysis.survival` - time to relapse during wash-out;
+- :mod:`analysis.figures` - the figures;
+- :mod:`analysis.claims` - the paper's qualitative claims, each decided by a test;
+- :mod:`analysis.report` - ``report.md`` / ``report.html`` from a run folder;
+- :mod:`analysis.synthetic` - synthetic results and run folders for tests and demos.
+
+Importing :mod:`analysis` loads only pandas; the statistics modules (and
+statsmodels, scipy, matplotlib) load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from analysis.tables import format_tables, load_published, paper_tables
+
+__all__ = [
+    "claims",
+    "figures",
+    "format_tables",
+    "load_published",
+    "longitudinal",
+    "paper_tables",
+    "report",
+    "stats",
+    "summaries",
+    "survival",
+    "synthetic",
+    "tables",
+]
+
+_LAZY_MODULES = {
+    "claims",
+    "figures",
+    "longitudinal",
+    "report",
+    "stats",
+    "summaries",
+    "survival",
+    "synthetic",
+    "tables",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"analysis.{name}")
+    raise AttributeError(f"module 'analysis' has no attribute {name!r}")

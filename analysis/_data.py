@@ -1,0 +1,166 @@
+"""Shared helpers: validating the tidy results table and naming arms.
+
+Everything here is private to :mod:`analysis`; the public functions of the
+other modules call :func:`check_results` on their input so that every entry
+point reports a malformed table the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+#: Columns every results table must have (see ``docs/results-schema.md``).
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    "patient",
+    "arm",
+    "phase",
+    "metric",
+    "condition",
+    "noise_sigma",
+    "maintenance_epochs",
+    "step",
+    "value",
+)
+
+#: How the paper names the arms of the study.
+ARM_DISPLAY_NAMES: dict[str, str] = {
+    "untreated": "Untreated (pruned)",
+    "ketamine": "Ketamine-like",
+    "ssri": "SSRI-like",
+    "neurosteroid": "Neurosteroid-like",
+}
+
+UNTREATED = "untreated"
+
+#: Default relapse threshold (percent biased-noise accuracy) of the paper.
+DEFAULT_RELAPSE_THRESHOLD = 60.0
+
+
+def display_name(arm: str) -> str:
+    """Return the paper's name of ``arm`` (unknown arms display by their name)."""
+    return ARM_DISPLAY_NAMES.get(arm, str(arm))
+
+
+def check_results(results: object, *, name: str = "results") -> pd.DataFrame:
+    """Validate a results table and return a normalised copy.
+
+    The copy has ``condition`` as strings with ``""`` for "no condition" (a
+    CSV round trip turns the empty strings of the schema into NaN), ``arm``,
+    ``phase`` and ``metric`` as strings, and the numeric columns as float.
+
+    Raises
+    ------
+    TypeError
+        If ``results`` is not a :class:`pandas.DataFrame`.
+    ValueError
+        If a required column is missing or ``value`` is not numeric.
+    """
+    if not isinstance(results, pd.DataFrame):
+        raise TypeError(
+            f"{name} must be a pandas DataFrame in the tidy results schema, "
+            f"got {type(results).__name__}"
+        )
+    missing = [c for c in REQUIRED_COLUMNS if c not in results.columns]
+    if missing:
+        raise ValueError(
+            f"{name} is missing required column(s) {missing}; "
+            "see docs/results-schema.md for the schema"
+        )
+    df = results.copy()
+    for col in ("arm", "phase", "metric"):
+        df[col] = df[col].astype(str)
+    cond = df["condition"]
+    df["condition"] = cond.where(cond.notna(), "").astype(str)
+    for col in ("noise_sigma", "maintenance_epochs", "step", "value"):
+        try:
+            df[col] = pd.to_numeric(df[col], errors="raise").astype(float)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name} column {col!r} must be numeric: {exc}") from None
+    try:
+        df["patient"] = pd.to_numeric(df["patient"], errors="raise").astype(int)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} column 'patient' must be integer: {exc}") from None
+    return df
+
+
+def arm_order(results: pd.DataFrame, arms: Iterable[str] | None = None) -> list[str]:
+    """Arms in paper order: ``untreated`` first, then in order of appearance.
+
+    If ``arms`` is given it is validated against the table and returned in
+    that order.
+    """
+    present = [str(a) for a in pd.unique(results["arm"])]
+    if arms is not None:
+        if isinstance(arms, str):
+            raise TypeError("arms must be a sequence of arm names, not a single string")
+        wanted = [str(a) for a in arms]
+        unknown = [a for a in wanted if a not in present]
+        if unknown:
+            raise ValueError(f"arm(s) {unknown} not in results; present: {present}")
+        return wanted
+    ordered = [UNTREATED] if UNTREATED in present else []
+    ordered += [a for a in present if a != UNTREATED]
+    return ordered
+
+
+def assessment_phase(arm: str) -> str:
+    """Phase holding an arm's main assessments (``pruned`` for untreated)."""
+    return "pruned" if arm == UNTREATED else "acute"
+
+
+def select(
+    results: pd.DataFrame,
+    *,
+    arm: str | None = None,
+    phase: str | None = None,
+    metric: str | None = None,
+    condition: str | None = None,
+    noise_sigma: float | None = None,
+) -> pd.DataFrame:
+    """Rows of a normalised results table matching every given field."""
+    mask = np.ones(len(results), dtype=bool)
+    if arm is not None:
+        mask &= (results["arm"] == arm).to_numpy()
+    if phase is not None:
+        mask &= (results["phase"] == phase).to_numpy()
+    if metric is not None:
+        mask &= (results["metric"] == metric).to_numpy()
+    if condition is not None:
+        mask &= (results["condition"] == condition).to_numpy()
+    if noise_sigma is not None:
+        mask &= np.isclose(results["noise_sigma"].to_numpy(), float(noise_sigma))
+    return results.loc[mask]
+
+
+def per_patient(rows: pd.DataFrame) -> pd.Series:
+    """One value per patient (mean over any duplicate rows), indexed by patient."""
+    return rows.groupby("patient", sort=True)["value"].mean()
+
+
+def relapse_threshold(protocol: Mapping | None) -> float:
+    """The relapse threshold (percent) from a protocol dict, else the paper's 60."""
+    if protocol is None:
+        return DEFAULT_RELAPSE_THRESHOLD
+    if not isinstance(protocol, Mapping):
+        raise TypeError(f"protocol must be a dict or None, got {type(protocol).__name__}")
+    longitudinal = protocol.get("longitudinal")
+    if isinstance(longitudinal, Mapping) and longitudinal.get("relapse_threshold") is not None:
+        return float(longitudinal["relapse_threshold"])
+    return DEFAULT_RELAPSE_THRESHOLD
+
+
+def decay_rate(protocol: Mapping | None, arm: str) -> float:
+    """An arm's wash-out decay rate per step from a protocol dict, else NaN."""
+    if protocol is None:
+        return float("nan")
+    if not isinstance(protocol, Mapping):
+        raise TypeError(f"protocol must be a dict or None, got {type(protocol).__name__}")
+    arms = protocol.get("arms")
+    if isinstance(arms, Mapping) and isinstance(arms.get(arm), Mapping):
+        value = arms[arm].get("washout_decay")
+        if value is not None:
+            return float(value)
+    return float("nan")

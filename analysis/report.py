@@ -1,0 +1,618 @@
+"""The reproduction report of a run folder: ``report.md`` and a self-contained ``report.html``.
+
+:func:`write_report` reads only the saved run (``results.csv``,
+``protocol.json``, ``manifest.json`` and, if present, ``weights/``), never
+re-runs the simulation, and writes:
+
+- ``report.md`` with the figures linked from ``figures/``;
+- ``report.html`` with the same content and the figures embedded (PNG as
+  base64), so it can be mailed as one file;
+- ``figures/*.png`` and ``figures/*.svg``.
+
+The output is byte-identical when rebuilt from the same run folder: no
+timestamps, seeded bootstraps, reproducible figure files.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis._data import arm_order, check_results, display_name
+from analysis._results import fmt_num, fmt_p
+
+__all__ = ["RunData", "load_run", "write_report"]
+
+FIGURES_DIR = "figures"
+
+#: The arm comparisons shown in the report: (title, metric, condition, phase, sigma).
+COMPARISONS = [
+    ("Combined-stress accuracy (Table 1)", "accuracy", "combined", None, None),
+    ("Extreme-noise accuracy, σ = 2.5 (Table 2)", "accuracy", "internal_noise", None, 2.5),
+    ("Biased-noise accuracy (Table 3)", "accuracy", "biased", None, None),
+    ("Activation magnitude (Table 3)", "activation_magnitude", "", None, None),
+    ("Acute relapse drop (Table 4)", "relapse_drop", "", "acute_relapse", None),
+    (
+        "Manic relapse probability per patient (Table 4)",
+        "relapse_probability",
+        "",
+        "washout",
+        None,
+    ),
+]
+
+
+@dataclass
+class RunData:
+    """The saved data of one run folder."""
+
+    path: Path
+    results: pd.DataFrame
+    protocol: dict
+    manifest: dict
+    weights_dir: Path | None
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read a run folder: ``results.csv``, ``protocol.json``, ``manifest.json``.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        The run folder.
+
+    Returns
+    -------
+    RunData
+        ``results`` is validated against the schema; ``protocol`` and
+        ``manifest`` are ``{}`` when their file is missing; ``weights_dir`` is
+        the ``weights/`` folder if it exists.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from analysis.synthetic import make_results, write_run
+    >>> from analysis.report import load_run
+    >>> run = load_run(write_run(tempfile.mkdtemp(), make_results(n_patients=2)))
+    >>> run.protocol["n_patients"]
+    2
+    """
+    if not isinstance(run_dir, (str, Path)):
+        raise TypeError(f"run_dir must be a str or Path, got {type(run_dir).__name__}")
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ValueError(f"run folder not found: {path}")
+    csv = path / "results.csv"
+    if not csv.is_file():
+        raise ValueError(f"{path} has no results.csv; is it a run folder?")
+    results = check_results(pd.read_csv(csv), name=str(csv))
+    docs = {}
+    for name in ("protocol", "manifest"):
+        f = path / f"{name}.json"
+        if f.is_file():
+            try:
+                docs[name] = json.loads(f.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{f} is not valid JSON: {exc}") from None
+            if not isinstance(docs[name], dict):
+                raise ValueError(f"{f} must hold a JSON object")
+        else:
+            docs[name] = {}
+    wdir = path / "weights"
+    return RunData(
+        path, results, docs["protocol"], docs["manifest"], wdir if wdir.is_dir() else None
+    )
+
+
+# --------------------------------------------------------------------------- blocks
+# The report is a list of blocks rendered twice, to Markdown and to HTML.
+
+
+@dataclass
+class _Block:
+    kind: str  # "h1", "h2", "h3", "p", "table", "pre", "figure", "note"
+    text: str = ""
+    header: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    image: Path | None = None
+    name: str = ""
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _to_markdown(blocks: list[_Block]) -> str:
+    out: list[str] = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            out.append("#" * int(b.kind[1]) + " " + b.text)
+        elif b.kind == "p":
+            out.append(b.text)
+        elif b.kind == "note":
+            out.append(f"> {b.text}")
+        elif b.kind == "pre":
+            out.append("```text\n" + b.text.rstrip("\n") + "\n```")
+        elif b.kind == "table":
+            out.append("| " + " | ".join(_md_cell(h) for h in b.header) + " |")
+            out[-1] += "\n|" + "|".join("---" for _ in b.header) + "|"
+            for r in b.rows:
+                out[-1] += "\n| " + " | ".join(_md_cell(c) for c in r) + " |"
+        elif b.kind == "figure":
+            rel = f"{FIGURES_DIR}/{b.name}"
+            out.append(f"![{b.name}]({rel}.png)\n\n*Figure: {b.text}* ([SVG]({rel}.svg))")
+    return "\n\n".join(out) + "\n"
+
+
+_CSS = """
+body{font-family:Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#111;line-height:1.4}
+table{border-collapse:collapse;margin:0.8em 0;font-size:0.85em}
+th,td{border:1px solid #bbb;padding:3px 6px;text-align:left;vertical-align:top}
+th{background:#eee}
+pre{background:#f6f6f6;padding:0.6em;overflow-x:auto;font-size:0.8em}
+blockquote{border-left:4px solid #999;margin:0.5em 0;padding:0.2em 0.8em;color:#333}
+figure{margin:1.2em 0}
+figure img{max-width:100%;border:1px solid #ddd}
+figcaption{font-size:0.9em;font-style:italic}
+.reproduced{font-weight:bold}
+.not-reproduced{font-weight:bold;text-decoration:underline}
+"""
+
+
+def _to_html(blocks: list[_Block], title: str) -> str:
+    e = html.escape
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        f"<title>{e(title)}</title>",
+        f"<style>{_CSS}</style>",
+        "</head>",
+        "<body>",
+    ]
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            out.append(f"<{b.kind}>{e(b.text)}</{b.kind}>")
+        elif b.kind == "p":
+            out.append(f"<p>{_inline(b.text)}</p>")
+        elif b.kind == "note":
+            out.append(f"<blockquote>{_inline(b.text)}</blockquote>")
+        elif b.kind == "pre":
+            out.append(f"<pre>{e(b.text)}</pre>")
+        elif b.kind == "table":
+            rows = ["<tr>" + "".join(f"<th>{e(h)}</th>" for h in b.header) + "</tr>"]
+            for r in b.rows:
+                cells = []
+                for c in r:
+                    cls = {"reproduced": "reproduced", "not reproduced": "not-reproduced"}.get(c)
+                    attr = f' class="{cls}"' if cls else ""
+                    cells.append(f"<td{attr}>{e(c)}</td>")
+                rows.append("<tr>" + "".join(cells) + "</tr>")
+            out.append("<table>\n" + "\n".join(rows) + "\n</table>")
+        elif b.kind == "figure":
+            data = base64.b64encode(b.image.read_bytes()).decode("ascii")
+            out.append(
+                f'<figure><img alt="{e(b.name)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{e(b.text)}</figcaption></figure>"
+            )
+    out += ["</body>", "</html>"]
+    return "\n".join(out) + "\n"
+
+
+def _inline(text: str) -> str:
+    """Escape, then render `code` spans."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _value(v: object) -> str:
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, sort_keys=True, separators=(", ", ": "))
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+#: Manifest keys not shown: clock times would make the report differ between identical runs.
+_TIME_WORDS = ("start", "finish", "end", "time", "date", "clock")
+
+
+def _manifest_rows(manifest: Mapping) -> list[list[str]]:
+    """Manifest entries to show: scalars and one level of plain dicts (versions); the protocol
+    (shown elsewhere), other nested entries and clock times are left out."""
+    rows = []
+    for key, value in manifest.items():
+        if any(w in str(key).lower() for w in _TIME_WORDS):
+            continue
+        if isinstance(value, dict) and key != "protocol":
+            # one level of plain values, e.g. library versions
+            flat = {k: v for k, v in value.items() if not isinstance(v, (dict, list))}
+            if len(flat) == len(value):
+                rows += [[f"{key}.{k}", _value(v)] for k, v in flat.items()]
+            continue
+        if isinstance(value, (dict, list)):
+            if key == "sessions" and isinstance(value, list):
+                rows.append(["sessions", str(len(value))])
+            continue
+        rows.append([str(key), _value(value)])
+    return rows
+
+
+def _header_section(run: RunData, df: pd.DataFrame) -> list[_Block]:
+    arms = arm_order(df)
+    name = run.protocol.get("name") or run.manifest.get("study") or run.path.name
+    blocks = [
+        _Block("h1", f"Reproduction report: {name}"),
+        _Block(
+            "p",
+            f"Run folder `{run.path.name}`: {df['patient'].nunique()} virtual patients, arms "
+            + ", ".join(f"{display_name(a)} (`{a}`)" for a in arms)
+            + ". Everything below is computed from the saved `results.csv`, `protocol.json` "
+            "and `manifest.json`; nothing is re-simulated. Paper: *Modeling Antidepressant-"
+            "Induced Manic Switch and Longitudinal Relapse* (Tables 1-4 and Results).",
+        ),
+        _Block(
+            "p",
+            "Agreement with the published numbers is judged in our own spread: the deviation "
+            "is (our mean - paper mean) / our SD (population SD, ddof = 0, as in the paper). "
+            "Random streams differ from the authors', so exact agreement is not expected; a "
+            "difference is a finding, not a fault to tune away.",
+        ),
+    ]
+    rows = _manifest_rows(run.manifest)
+    if rows:
+        blocks += [
+            _Block("h2", "Run manifest"),
+            _Block("table", header=["field", "value"], rows=rows),
+        ]
+    blocks.append(_Block("h2", "Protocol interpretations in force"))
+    interp = run.protocol.get("interpretations") if run.protocol else None
+    if isinstance(interp, Mapping) and interp:
+        blocks.append(
+            _Block(
+                "p",
+                "Where the paper's text and the authors' published notebook differ, the run "
+                "used these options (see `docs/protocol.md`):",
+            )
+        )
+        blocks.append(
+            _Block(
+                "table",
+                header=["field", "value in force"],
+                rows=[[str(k), _value(v)] for k, v in interp.items()],
+            )
+        )
+    else:
+        blocks.append(_Block("note", "protocol.json lists no interpretations."))
+    return blocks
+
+
+def _tables_section(df: pd.DataFrame, protocol: dict, n_resamples: int, seed: int) -> list[_Block]:
+    from analysis.summaries import bootstrap_ci, t_ci
+    from analysis.tables import TABLE_TITLES, TableColumn, cell_values, compare_published
+
+    cmp = compare_published(df, protocol=protocol)
+    blocks = [
+        _Block("h2", "The paper's tables, ours beside the published values"),
+        _Block(
+            "p",
+            "Each row: our mean ± SD across patients, the 95 % confidence interval of our mean "
+            "(t and BCa bootstrap), the published mean ± SD, and the deviation in our SD units. "
+            "The deviation is ±inf when our SD is 0 and the means differ.",
+        ),
+    ]
+    header = [
+        "measure",
+        "arm",
+        "n",
+        "ours mean ± SD",
+        "95 % CI (t)",
+        "95 % CI (bootstrap)",
+        "paper",
+        "deviation (our SD)",
+    ]
+    for table in ["Table 1", "Table 2", "Table 3", "Table 4", "Off medication"]:
+        part = cmp[cmp["table"] == table]
+        if part.empty:
+            continue
+        title = (
+            f"{table}. {TABLE_TITLES[table]}"
+            if table != "Off medication"
+            else ("Neurosteroid-like off medication (damping module off; paper: Results text)")
+        )
+        if table == "Table 4":
+            part = part[~part["metric"].isin(["accuracy", "gain", "activation_magnitude"])]
+        rows = []
+        for _, r in part.iterrows():
+            d = int(r["decimals"])
+            if r["n"] == 0 and math.isnan(r["paper_mean"]):
+                continue
+            sigma = None if math.isnan(r["noise_sigma"]) else float(r["noise_sigma"])
+            col = TableColumn(r["column"], r["metric"], r["condition"], sigma, r["phase"], d)
+            vals = cell_values(df, col, r["arm"], protocol).to_numpy(dtype=float)
+            if r["metric"] == "decay_rate":
+                t_int = b_int = "-"
+            else:
+                t_int = _interval(*t_ci(vals), d)
+                b_int = _interval(*bootstrap_ci(vals, n_resamples=n_resamples, seed=seed), d)
+            if r["n"] == 0:
+                ours = "n/a"
+            elif r["metric"] == "decay_rate":
+                ours = f"{fmt_num(r['mean'], d)} (protocol)"
+            else:
+                ours = f"{fmt_num(r['mean'], d)} ± {fmt_num(r['sd'], d)}"
+            if math.isnan(r["paper_mean"]):
+                paper = "n/a"
+            elif math.isnan(r["paper_sd"]):
+                paper = fmt_num(r["paper_mean"], d)
+            else:
+                paper = f"{fmt_num(r['paper_mean'], d)} ± {fmt_num(r['paper_sd'], d)}"
+            rows.append(
+                [
+                    r["column"],
+                    display_name(r["arm"]),
+                    str(int(r["n"])),
+                    ours,
+                    t_int,
+                    b_int,
+                    paper,
+                    fmt_num(r["deviation_sd"], 2),
+                ]
+            )
+        blocks += [_Block("h3", title)]
+        if table == "Table 4":
+            blocks.append(
+                _Block(
+                    "p",
+                    "Rows of Table 4 repeated from Tables 1 and 3 (combined "
+                    "and biased stress, gain, activation) are shown there.",
+                )
+            )
+        blocks.append(_Block("table", header=header, rows=rows))
+    return blocks
+
+
+def _interval(lo: float, hi: float, d: int) -> str:
+    if math.isnan(lo) or math.isnan(hi):
+        return "n/a"
+    return f"[{fmt_num(lo, d)}, {fmt_num(hi, d)}]"
+
+
+def _claims_section(df: pd.DataFrame, protocol: dict) -> list[_Block]:
+    from analysis.claims import evaluate_claims
+
+    res = evaluate_claims(df, protocol)
+    counts = res.frame["status"].value_counts()
+    rows = [
+        [r["id"], r["claim"], r["source"], r["test"], r["evidence"], r["status"]]
+        for _, r in res.frame.iterrows()
+    ]
+    return [
+        _Block("h2", "The paper's qualitative claims"),
+        _Block(
+            "p",
+            f"{counts.get('reproduced', 0)} reproduced, {counts.get('not reproduced', 0)} not "
+            f"reproduced, {counts.get('not testable', 0)} not testable on this run. Ordering "
+            "claims are decided by one-sided paired Wilcoxon signed-rank tests across patients "
+            f"at alpha = {res.alpha} (Holm within a claim); with n patients the smallest "
+            "attainable one-sided p is 2^-n, so a run with fewer than 5 patients cannot "
+            "reproduce an ordering claim.",
+        ),
+        _Block(
+            "table",
+            header=["id", "claim", "paper", "deciding test", "evidence", "status"],
+            rows=rows,
+        ),
+    ]
+
+
+def _comparison_blocks(df: pd.DataFrame, n_resamples: int, seed: int) -> list[_Block]:
+    from analysis.stats import compare_arms
+
+    blocks = [
+        _Block("h2", "Arm comparisons within patients"),
+        _Block(
+            "p",
+            "Every patient receives every arm from the same pruned baseline, so arms are "
+            "compared as repeated measures: Friedman and repeated-measures ANOVA (with "
+            "Shapiro-Wilk on the residuals, Mauchly's sphericity test and the "
+            "Greenhouse-Geisser correction) across arms; Wilcoxon signed-rank and paired t "
+            "tests between pairs, Holm-adjusted within each test; effect sizes are the "
+            "matched-pairs rank-biserial correlation (bootstrap CI) and Cohen's d_z "
+            "(noncentral-t CI).",
+        ),
+    ]
+    for title, metric, condition, phase, sigma in COMPARISONS:
+        try:
+            cmp = compare_arms(
+                df, metric, condition, phase, noise_sigma=sigma, n_resamples=n_resamples, seed=seed
+            )
+        except ValueError as exc:
+            blocks += [_Block("h3", title), _Block("note", f"Not computed: {exc}")]
+            continue
+        om = cmp.omnibus.set_index("test")
+        parts = []
+        for test, label in [
+            ("friedman", "Friedman"),
+            ("rm_anova", "RM-ANOVA"),
+            ("rm_anova_gg", "RM-ANOVA (Greenhouse-Geisser)"),
+        ]:
+            r = om.loc[test]
+            if math.isnan(r["pvalue"]):
+                parts.append(f"{label}: not computed ({r['note']})")
+            else:
+                parts.append(
+                    f"{label}: statistic {fmt_num(r['statistic'], 2)}, "
+                    f"p {fmt_p(r['pvalue'])}, {r['effect_size_name']} "
+                    f"{fmt_num(r['effect_size'], 2)}"
+                )
+        verdict = (
+            "RM-ANOVA assumptions met."
+            if cmp.rm_anova_valid
+            else "RM-ANOVA assumptions not met or not checkable; Friedman decides."
+        )
+        rows = [
+            [
+                f"{display_name(r['arm_a'])} - {display_name(r['arm_b'])}",
+                r["test"],
+                fmt_num(r["mean_diff"], 3),
+                fmt_num(r["statistic"], 2),
+                fmt_p(r["pvalue"]),
+                fmt_p(r["pvalue_holm"]),
+                f"{r['effect_size_name']} {fmt_num(r['effect_size'], 2)} "
+                f"[{fmt_num(r['conf_int_low'], 2)}, {fmt_num(r['conf_int_high'], 2)}]",
+            ]
+            for _, r in cmp.pairwise.iterrows()
+        ]
+        blocks += [
+            _Block("h3", f"{title} (n = {cmp.n})"),
+            _Block("p", "; ".join(parts) + ". " + verdict),
+            _Block(
+                "table",
+                header=[
+                    "pair (a - b)",
+                    "test",
+                    "mean diff",
+                    "statistic",
+                    "p",
+                    "p (Holm)",
+                    "effect size [95 % CI]",
+                ],
+                rows=rows,
+            ),
+        ]
+    return blocks
+
+
+def _relapse_section(df: pd.DataFrame, protocol: dict) -> list[_Block]:
+    from analysis.longitudinal import relapse_gee, washout_mixedlm
+    from analysis.summaries import relapse_probability
+    from analysis.survival import cox, kaplan_meier, logrank, time_to_relapse
+
+    blocks = [_Block("h2", "Longitudinal relapse")]
+    try:
+        rp = relapse_probability(df)
+    except ValueError as exc:
+        return [*blocks, _Block("note", f"No relapse analysis: {exc}")]
+    rows = [
+        [
+            display_name(r["arm"]),
+            f"{int(r['relapsed'])}/{int(r['n'])}",
+            fmt_num(r["probability"], 1),
+            f"[{fmt_num(r['conf_int_low'], 1)}, {fmt_num(r['conf_int_high'], 1)}]",
+            f"{fmt_num(r['patient_mean'], 1)} ± {fmt_num(r['patient_sd'], 1)}",
+        ]
+        for _, r in rp.frame.iterrows()
+    ]
+    blocks += [
+        _Block("h3", "Relapse probability"),
+        _Block(
+            "table",
+            header=[
+                "arm",
+                "relapsed / n",
+                "probability (%)",
+                "95 % Wilson CI (%)",
+                "per-patient mean ± SD (%)",
+            ],
+            rows=rows,
+        ),
+        _Block(
+            "note",
+            "Wilson intervals treat each patient x duration as independent; the "
+            "GEE below accounts for the clustering by patient.",
+        ),
+        _Block("h3", "Relapse ~ arm + maintenance duration (binomial GEE)"),
+        _Block("pre", relapse_gee(df).summary()),
+        _Block("h3", "Post-wash-out biased accuracy ~ arm x duration (mixed model)"),
+    ]
+    try:
+        blocks.append(_Block("pre", washout_mixedlm(df).summary()))
+    except ValueError as exc:
+        blocks.append(_Block("note", f"Not computed: {exc}"))
+    blocks.append(_Block("h3", "Time to relapse during wash-out"))
+    try:
+        ttr = time_to_relapse(df, protocol)
+    except ValueError as exc:
+        return [*blocks, _Block("note", f"Not computed: {exc}")]
+    km = kaplan_meier(ttr)
+    blocks.append(_Block("pre", km.summary()))
+    if ttr["arm"].nunique() > 1:
+        blocks.append(_Block("pre", logrank(ttr).summary()))
+        blocks.append(_Block("pre", logrank(ttr, strata="maintenance_epochs").summary()))
+    blocks.append(_Block("pre", cox(ttr).summary()))
+    return blocks
+
+
+def _figures_section(run: RunData, df: pd.DataFrame) -> list[_Block]:
+    from analysis.figures import make_figures
+
+    records = make_figures(df, run.path / FIGURES_DIR, run.protocol, weights_dir=run.weights_dir)
+    blocks = [_Block("h2", "Figures")]
+    for rec in records:
+        if rec.skipped:
+            blocks.append(_Block("note", f"Figure `{rec.name}` not drawn: {rec.skipped}."))
+        else:
+            png = next(p for p in rec.paths if p.suffix == ".png")
+            blocks.append(_Block("figure", rec.caption, image=png, name=rec.name))
+    return blocks
+
+
+def write_report(run_dir: str | Path, *, n_resamples: int = 2000, seed: int = 0) -> Path:
+    """Write ``report.md`` and ``report.html`` (and ``figures/``) into a run folder.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        A run folder with ``results.csv`` (and normally ``protocol.json`` and
+        ``manifest.json``; ``weights/`` is optional).
+    n_resamples : int
+        Bootstrap resamples for the confidence intervals.
+    seed : int
+        Seed of every bootstrap (the report is reproducible byte for byte).
+
+    Returns
+    -------
+    Path
+        The path of ``report.md``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from analysis.synthetic import make_results, write_run
+    >>> from analysis.report import write_report
+    >>> run = write_run(tempfile.mkdtemp(), make_results(n_patients=3))
+    >>> write_report(run, n_resamples=199).name
+    'report.md'
+    """
+    if not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
+        raise ValueError(f"n_resamples must be a positive int, got {n_resamples!r}")
+    run = load_run(run_dir)
+    df = run.results
+    blocks = _header_section(run, df)
+    blocks += _tables_section(df, run.protocol, n_resamples, seed)
+    blocks += _claims_section(df, run.protocol)
+    blocks += _comparison_blocks(df, n_resamples, seed)
+    blocks += _relapse_section(df, run.protocol)
+    blocks += _figures_section(run, df)
+    blocks.append(
+        _Block("p", "Generated by `analysis.report.write_report` from the saved run data.")
+    )
+    title = blocks[0].text
+    md_path = run.path / "report.md"
+    md_path.write_text(_to_markdown(blocks), encoding="utf-8")
+    (run.path / "report.html").write_text(_to_html(blocks, title), encoding="utf-8")
+    return md_path
