@@ -106,19 +106,22 @@ def test_kill_and_resume_matches_uninterrupted(study, reference, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "virtualpatient.cli", *_cli(study, out)]
     partial_kills = 0
-    for attempt in range(2):
+    # kill 1: a random moment after the folder is set up; kills 2 and 3: once a random number of
+    # units is stored (polling the folder, so the test does not depend on how fast the machine is)
+    targets = [None, rng.randint(1, N_UNITS // 2), rng.randint(N_UNITS // 2 + 1, N_UNITS - 1)]
+    for target in targets:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        before, deadline = _units(out), time.monotonic() + 60
-        if attempt == 0:  # a random moment after the run folder is set up: manifest, first units
+        deadline = time.monotonic() + 60
+        if target is None:
             while proc.poll() is None and not (out / "manifest.json").exists() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 1.0))
-        else:  # once the resumed run has made progress, at a random moment within the next units
-            while proc.poll() is None and _units(out) <= before and time.monotonic() < deadline:
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.3))
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.5))
+        else:
+            while proc.poll() is None and _units(out) < target and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.02))
         if proc.poll() is not None:
-            break
+            continue
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL
@@ -233,3 +236,19 @@ def test_resume_with_other_code_warns(study, reference, tmp_path, capsys):
     assert main(_cli(study, out)) == 0
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"virtualpatient: warning: {out}: resumed by other code") and "0123456789abcdef" in line
+
+
+def test_cohort_grows_on_resume(study, reference, tmp_path):
+    """A finished folder resumed with more patients computes only the new patients' units, and the
+    grown table's old patients are exactly the original run's rows (patient streams are their own)."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    small = pd.read_csv(out / "results.csv")
+    n = int(small.patient.nunique())
+    before = {p: p.read_bytes() for p in (out / "units").rglob("p*")}
+    grown = ClinicalTrial(load_study(study, n_patients=n + 1), patients_per_unit=1, progress=False).run(out=out)
+    assert sorted(grown.patient.unique()) == list(range(n + 1))
+    assert all(p.read_bytes() == b for p, b in before.items())  # finished units untouched
+    old = pd.read_csv(out / "results.csv").query("patient < @n").reset_index(drop=True)
+    pd.testing.assert_frame_equal(old, small)
+    assert json.loads((out / "protocol.json").read_text())["n_patients"] == n + 1

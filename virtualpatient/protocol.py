@@ -288,9 +288,15 @@ class Protocol:
         return out
 
     def hash(self) -> str:
-        """A short hash of the resolved protocol; equal protocols give equal hashes."""
+        """A short hash of what each patient computes; equal protocols give equal hashes.
+
+        ``device`` and ``n_patients`` are left out: where it runs does not change the numbers, and
+        patient ``i``'s numbers do not depend on how many others there are (its random streams are
+        its own), so a run folder can be resumed with a larger cohort.
+        """
         data = self.to_dict()
-        data.pop("device")  # where it runs does not change what it computes
+        data.pop("device")
+        data.pop("n_patients")
         blob = json.dumps(data, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -199,8 +199,10 @@ class RunStore:
                 f"this one {protocol.hash()}); use another --out folder"
             )
         self._remove_stale_tmp()
-        if not (self.path / "protocol.json").exists():
+        # the cohort may have grown (or the device changed): the folder describes the latest run
+        if manifest.get("protocol") != protocol.to_dict() or not (self.path / "protocol.json").exists():
             self._write_json(self.path / "protocol.json", protocol.to_dict())
+            manifest["protocol"] = protocol.to_dict()
         first = (manifest.get("sessions") or [manifest])[0]
         self.code_changes = [
             f"{key} {first.get(key)} -> {session[key]}" for key in ("commit", "code_hash")
