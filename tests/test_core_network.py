@@ -344,13 +344,6 @@ def test_params_sparsity_select_cat():
     assert all(torch.equal(a, b) for a, b in zip(joined.weights, params.weights))
 
 
-BUG_LAST_STEP = (
-    "BUG: network.train only checks the losses computed before each optimiser step; the state after the last "
-    "step of a training call is never checked, so a blow-up on that step returns a non-finite network silently"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=BUG_LAST_STEP)
 def test_divergence_on_the_last_step_is_reported():
     """A training call whose only (hence last) step blows the network up raises NonFiniteError instead of
     returning parameters whose outputs are NaN/inf."""

@@ -232,10 +232,6 @@ def test_trial_checks_its_arguments(tiny_protocol):
     assert not math.isnan(trial.cohort[0].covariates["prune_fraction"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a divergence on the last optimiser step of a training call is not detected (network.train checks only "
-    "pre-step losses): with one mini-batch per epoch and lr = 1e30 the baseline blows up, the run completes and "
-    "reports chance accuracies and relapse verdicts computed from a non-finite network"))
 def test_baseline_divergence_on_its_only_step_is_reported(make_protocol):
     """A baseline that diverges on its single optimiser step (1 epoch x 1 mini-batch, lr 1e30) raises
     TrainingDivergedError naming the baseline, instead of a results table from a NaN network."""

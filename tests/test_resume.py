@@ -34,18 +34,18 @@ n_patients = 3
 layer_sizes = [2, 24, 24, 16, 4]
 
 [task]
-n_train = 256
+n_train = 2048
 n_standard = 128
 n_clean = 32
 
 [baseline]
-epochs = 3
+epochs = 10
 
 [assessment]
 eval_batch_size = 128
 
 [longitudinal]
-durations = [2, 4]
+durations = [20, 40]
 washout_steps = 5
 
 [arms.ketamine]
@@ -115,7 +115,7 @@ def test_kill_and_resume_matches_uninterrupted(study, reference, tmp_path):
         if target is None:
             while proc.poll() is None and not (out / "manifest.json").exists() and time.monotonic() < deadline:
                 time.sleep(0.005)
-            time.sleep(rng.uniform(0.0, 0.5))
+            time.sleep(rng.uniform(0.0, 0.3))
         else:
             while proc.poll() is None and _units(out) < target and time.monotonic() < deadline:
                 time.sleep(0.005)

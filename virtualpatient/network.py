@@ -18,28 +18,43 @@ The hidden layer computes, in this order (fact 3)::
     h -= inhibition * p                             # stabiliser, if p > 0
 
 The output layer is plain linear.
+
+The engine
+----------
+:func:`train` and the evaluation path of :func:`forward` run on a working copy of the network
+(``_Net``) in which activations are *transposed*, ``[P, units, n]``, and every large layer whose
+masks keep at most :attr:`EngineConfig.sparse_max_density` of its weights is stored compressed
+(only its unmasked weights, see :mod:`virtualpatient.sparse`). Both give the dense results up to
+float rounding (``tests/test_perf_equivalence.py``); ``docs/performance.md`` has the measurements
+behind the defaults. The dense, autograd-visible path (:func:`batch_loss`, and :func:`forward` when
+the weights require gradients) is kept for gradient-based regrowth scores, which need gradients at
+pruned positions too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from virtualpatient import stabiliser
+from virtualpatient import sparse, stabiliser
 
 __all__ = [
     "BatchedAdam",
     "BiasedNoise",
+    "EngineConfig",
     "Modulation",
     "NoiseSource",
     "NonFiniteError",
     "Params",
     "accuracy",
+    "engine_options",
     "forward",
     "init_params",
     "train",
@@ -95,7 +110,9 @@ class BiasedNoise:
 class NoiseSource:
     """Draws noise of shape ``[P, ...]`` with patient ``i``'s slice from patient ``i``'s generator.
 
-    Per-patient generators make a patient's noise independent of who it is batched with.
+    Per-patient generators make a patient's noise independent of who it is batched with. Patient
+    ``i``'s slice holds exactly ``torch.randn(shape[1:], generator=generators[i])``, drawn on the
+    generator's device (CPU generators give the same numbers whatever device the model runs on).
     """
 
     def __init__(self, generators: Sequence[torch.Generator]) -> None:
@@ -104,9 +121,18 @@ class NoiseSource:
     def __call__(self, shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
         if shape[0] != len(self.generators):
             raise ValueError(f"noise for {shape[0]} patients requested from {len(self.generators)} generators")
-        return torch.stack(
-            [torch.randn(tuple(shape[1:]), generator=g, device=device) for g in self.generators]
-        )
+        return self.fill_(torch.empty(tuple(shape), device=device))
+
+    def fill_(self, out: torch.Tensor) -> torch.Tensor:
+        """Fill ``out`` ``[P, ...]`` in place (each ``out[i]`` must be contiguous); returns ``out``."""
+        if out.shape[0] != len(self.generators):
+            raise ValueError(f"noise for {out.shape[0]} patients requested from {len(self.generators)} generators")
+        for slot, g in zip(out, self.generators):
+            if slot.device == g.device and slot.is_contiguous():
+                slot.normal_(generator=g)  # what torch.randn(shape, generator=g) does, without a copy
+            else:
+                slot.copy_(torch.randn(tuple(slot.shape), generator=g, device=g.device))
+        return out
 
 
 class NonFiniteError(FloatingPointError):
@@ -166,6 +192,11 @@ class Params:
         ))
 
     def to(self, device: str | torch.device) -> Params:
+        """These parameters on ``device``: ``self`` when they are there already (so caches are shared)."""
+        device = torch.device(device)
+        tensors = self.weights + self.biases + self.masks
+        if all(t.device == device or (device.index is None and t.device.type == device.type) for t in tensors):
+            return self
         return Params(*([t.to(device) for t in group] for group in (self.weights, self.biases, self.masks)))
 
 
@@ -183,27 +214,59 @@ def init_params(layer_sizes: Sequence[int], generators: Sequence[torch.Generator
     return Params(weights, biases)
 
 
-def forward(
-    params: Params,
-    x: torch.Tensor,
-    mod: Modulation,
-    stab,
-    noise: NoiseSource | None = None,
-    biased: BiasedNoise | None = None,
-    magnitudes: list[torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Logits ``[P, N, C]`` of inputs ``x`` ``[P, N, in]`` (the layer order is in the module docstring).
+# --------------------------------------------------------------------------------------------
+# Engine settings
+# --------------------------------------------------------------------------------------------
+@dataclass
+class EngineConfig:
+    """How the engine computes (never *what*: every choice gives the dense numbers up to rounding).
 
-    Parameters
+    Attributes
     ----------
-    stab
-        A :class:`~virtualpatient.protocol.StabiliserConfig`.
-    noise
-        Needed when ``mod.noise_sigma > 0`` or ``biased`` is given.
-    magnitudes
-        If given, receives per hidden layer the per-patient mean of ``|act(W h + b) * damping * gain|``
-        (nominal gain, before noise and stabiliser terms; fact 6).
+    sparse_max_density
+        A layer is stored compressed when every patient keeps at most this share of its weights.
+        Measured crossover (docs/performance.md): the compressed kernels beat per-patient oneDNN
+        matmuls below about 25-30 % density; so the 95 % sparse arms run compressed and the
+        47.5 % sparse ketamine-like arm runs dense.
+    sparse_min_weights
+        Layers with fewer weights per patient always stay dense.
+    onednn_min_weights
+        Dense layers with at least this many weights per patient use per-patient oneDNN matmuls;
+        smaller ones (the 2 -> 512 and 256 -> 4 layers) one batched ``baddbmm``, whose per-call
+        cost is lower.
+    sparse_backend
+        ``None`` (default: :func:`virtualpatient.sparse.backend`), ``"native"``, ``"torch"`` or ``"off"``.
     """
+
+    sparse_max_density: float = 0.25
+    sparse_min_weights: int = 0
+    onednn_min_weights: int = 16_384
+    sparse_backend: str | None = None
+
+
+ENGINE = EngineConfig()
+
+
+@contextlib.contextmanager
+def engine_options(**changes) -> Iterator[EngineConfig]:
+    """Temporarily change :data:`ENGINE` (for tests and benchmarks)::
+
+        with engine_options(sparse_max_density=1.0, sparse_min_weights=0):
+            train(...)   # every layer compressed
+    """
+    global ENGINE
+    old = ENGINE
+    ENGINE = replace(old, **changes)
+    try:
+        yield ENGINE
+    finally:
+        ENGINE = old
+
+
+# --------------------------------------------------------------------------------------------
+# The dense reference math (autograd-visible; used for gradient scores)
+# --------------------------------------------------------------------------------------------
+def _forward_dense(params, x, mod, stab, noise, biased, magnitudes) -> torch.Tensor:
     act = ACTIVATIONS[mod.activation]
     p = mod.protection
     scale = mod.damping * stabiliser.effective_gain(mod.gain, p, stab)
@@ -224,6 +287,45 @@ def forward(
     return torch.baddbmm(params.biases[-1].unsqueeze(1), h, params.weights[-1].transpose(1, 2))
 
 
+def forward(
+    params: Params | _Net,
+    x: torch.Tensor,
+    mod: Modulation,
+    stab,
+    noise: NoiseSource | None = None,
+    biased: BiasedNoise | None = None,
+    magnitudes: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Logits ``[P, N, C]`` of inputs ``x`` ``[P, N, in]`` (the layer order is in the module docstring).
+
+    Without gradients (evaluation) this runs on the engine (compressed layers, reused buffers);
+    when the weights, biases or ``x`` require gradients it runs the dense autograd-visible math.
+    :func:`train` runs every mini-batch through this function too, passing its working copy of
+    the network and transposed inputs ``[P, in, B]`` (logits ``[P, C, B]``), so wrapping
+    ``forward`` observes the modulation of every training step.
+
+    Parameters
+    ----------
+    stab
+        A :class:`~virtualpatient.protocol.StabiliserConfig`.
+    noise
+        Needed when ``mod.noise_sigma > 0`` or ``biased`` is given.
+    magnitudes
+        If given, receives per hidden layer the per-patient mean of ``|act(W h + b) * damping * gain|``
+        (nominal gain, before noise and stabiliser terms; fact 6).
+    """
+    if isinstance(params, _Net):  # a training step of the engine (see train)
+        return params.logits_t(x, mod, stab, noise)
+    if _needs_grad(params, x):
+        return _forward_dense(params, x, mod, stab, noise, biased, magnitudes)
+    with torch.no_grad():
+        return _eval_net(params).forward_eval(x, mod, stab, noise, biased, magnitudes)
+
+
+def _needs_grad(params: Params, x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params.weights + params.biases))
+
+
 @torch.no_grad()
 def accuracy(
     params: Params,
@@ -239,41 +341,117 @@ def accuracy(
     return 100.0 * (logits.argmax(-1) == y).double().mean(-1)
 
 
+# --------------------------------------------------------------------------------------------
+# Adam
+# --------------------------------------------------------------------------------------------
+def _fused_adam_works() -> bool:
+    if not hasattr(torch, "_fused_adam_"):
+        return False
+    try:
+        t, g = torch.ones(3), torch.ones(3)
+        torch._fused_adam_([t], [g], [torch.zeros(3)], [torch.zeros(3)], [], [torch.ones(())], lr=0.1, beta1=0.9,
+                           beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+        return bool(torch.isfinite(t).all())
+    except (RuntimeError, TypeError):  # pragma: no cover - old torch
+        return False
+
+
+_FUSED_ADAM = _fused_adam_works()
+
+
 class BatchedAdam:
     """Adam over stacked parameters with a per-patient learning rate.
 
     The update is torch's ``Adam`` (no weight decay, no amsgrad), elementwise, so each patient's
     slice moves exactly as if it were optimised alone. A fresh instance is a fresh optimiser.
+
+    Parameters
+    ----------
+    tensors
+        Parameters; by default each has a leading patient axis.
+    lr
+        One learning rate, or one per patient ``[P]``.
+    segments
+        Per tensor, ``None`` (leading patient axis) or the ``P + 1`` offsets of a flat tensor that
+        holds the patients one after another (compressed layer values).
+
+    Notes
+    -----
+    Uses torch's fused CPU/GPU Adam kernel (one pass over memory instead of eight; the same update
+    as ``torch.optim.Adam(fused=True)``) when available, with one call per distinct learning rate.
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], lr: torch.Tensor | float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 segments: Sequence[Sequence[int] | None] | None = None) -> None:
         self.tensors = list(tensors)
-        n = self.tensors[0].shape[0]
-        lr = torch.as_tensor(lr, dtype=self.tensors[0].dtype, device=self.tensors[0].device)
+        self.segments = list(segments) if segments is not None else [None] * len(self.tensors)
+        n = self._n_patients()
+        lr = torch.as_tensor(lr, dtype=torch.float32, device=self.tensors[0].device)
         self.lr = lr.expand(n) if lr.ndim == 0 else lr
+        if self.lr.shape != (n,):
+            raise ValueError(f"need one learning rate or one per patient ({n}), got shape {tuple(self.lr.shape)}")
         self.beta1, self.beta2 = betas
         self.eps = eps
         self.step_count = 0
         self.exp_avg = [torch.zeros_like(t) for t in self.tensors]
         self.exp_avg_sq = [torch.zeros_like(t) for t in self.tensors]
+        self._step_t = torch.zeros((), dtype=torch.float32, device=self.tensors[0].device)
+        lrs = self.lr.tolist()
+        self._groups = {v: [p for p, w in enumerate(lrs) if w == v] for v in dict.fromkeys(lrs)}
+
+    def _n_patients(self) -> int:
+        for t, seg in zip(self.tensors, self.segments):
+            return t.shape[0] if seg is None else len(seg) - 1
+        raise ValueError("BatchedAdam needs at least one tensor")
+
+    def _split(self, tensors: Sequence[torch.Tensor], patients: list[int]) -> list[torch.Tensor]:
+        out = []
+        for t, seg in zip(tensors, self.segments):
+            for p in patients:
+                out.append(t[p] if seg is None else t[seg[p]:seg[p + 1]])
+        return out
 
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor]) -> None:
         self.step_count += 1
+        grads = [g.contiguous() for g in grads]
+        if _FUSED_ADAM:
+            self._step_t.fill_(self.step_count)
+            for lr, patients in self._groups.items():
+                if len(self._groups) == 1:
+                    lists = (self.tensors, grads, self.exp_avg, self.exp_avg_sq)
+                else:
+                    lists = tuple(self._split(ts, patients) for ts in (self.tensors, grads, self.exp_avg,
+                                                                         self.exp_avg_sq))
+                torch._fused_adam_(*lists, [], [self._step_t] * len(lists[0]), lr=lr, beta1=self.beta1,
+                                   beta2=self.beta2, weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
+            return
         bc1 = 1 - self.beta1 ** self.step_count
         bc2_sqrt = math.sqrt(1 - self.beta2 ** self.step_count)
-        for t, g, m, v in zip(self.tensors, grads, self.exp_avg, self.exp_avg_sq):
+        for t, g, m, v, seg in zip(self.tensors, grads, self.exp_avg, self.exp_avg_sq, self.segments):
             m.lerp_(g, 1 - self.beta1)
             v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
             denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
-            step_size = (self.lr / bc1).view(-1, *([1] * (t.ndim - 1)))
+            step_size = (self.lr / bc1).to(t.dtype)
+            if seg is None:
+                step_size = step_size.view(-1, *([1] * (t.ndim - 1)))
+            else:
+                step_size = step_size.repeat_interleave(torch.tensor(seg, device=t.device).diff())
             t.addcdiv_(m * step_size, denom, value=-1.0)
 
 
+# --------------------------------------------------------------------------------------------
+# Mini-batches
+# --------------------------------------------------------------------------------------------
 def epoch_batches(n: int, batch_size: int, generators: Sequence[torch.Generator],
                   device: torch.device | str) -> list[torch.Tensor]:
-    """One epoch's mini-batch index tensors ``[P, B]``: a fresh permutation per patient."""
+    """One epoch's mini-batch index tensors ``[P, B]``: a fresh permutation per patient.
+
+    Patient ``i``'s permutation is ``torch.randperm(n, generator=generators[i])``, split into runs
+    of ``batch_size`` in order (the last one shorter), which is what a ``DataLoader`` over the
+    patient's data with ``batch_size`` and a sampler yielding that permutation gives.
+    """
     perm = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)
     return list(perm.split(batch_size, dim=1))
 
@@ -285,11 +463,231 @@ def gather_batch(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[t
 
 def batch_loss(params: Params, xb: torch.Tensor, yb: torch.Tensor, mod: Modulation, stab,
                noise: NoiseSource | None) -> torch.Tensor:
-    """Per-patient mean cross-entropy, ``[P]``."""
-    logits = forward(params, xb, mod, stab, noise=noise)
+    """Per-patient mean cross-entropy, ``[P]`` (dense, autograd-visible math)."""
+    if _needs_grad(params, xb):  # through forward (which then runs the dense math), as every step does
+        logits = forward(params, xb, mod, stab, noise=noise)
+    else:
+        logits = _forward_dense(params, xb, mod, stab, noise, None, None)
     return F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(yb.shape).mean(1)
 
 
+# --------------------------------------------------------------------------------------------
+# The engine's working copy of a network
+# --------------------------------------------------------------------------------------------
+class _Layer:
+    """One layer of a :class:`_Net`: dense (the ``Params`` weight itself) or compressed."""
+
+    __slots__ = ("weight", "bias", "mask", "pattern", "values", "kind")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, kind: str) -> None:
+        self.weight, self.bias, self.kind = weight, bias, kind
+        self.pattern: sparse.Pattern | None = None
+        self.values: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        cfg = ENGINE
+        size = weight[0].numel()
+        if kind != "off" and size >= cfg.sparse_min_weights:
+            kept = (mask != 0).flatten(1).sum(1).max().item() / size
+            if kept <= cfg.sparse_max_density:
+                self.pattern = sparse.Pattern(mask)
+                self.values = self.pattern.gather(weight.detach())
+                return
+        if not bool((mask != 0).all()):
+            self.mask = mask
+
+    @property
+    def compressed(self) -> bool:
+        return self.pattern is not None
+
+    def leaf(self) -> torch.Tensor:
+        """The tensor the optimiser updates: the compressed values or the dense weight."""
+        return self.values if self.compressed else self.weight
+
+    def segments(self) -> list[int] | None:
+        return self.pattern.offsets if self.compressed else None
+
+    @property
+    def onednn(self) -> bool:
+        return self.weight[0].numel() >= ENGINE.onednn_min_weights
+
+    def forward(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``W h + b`` for transposed activations ``h`` ``[P, in, n]`` -> ``[P, out, n]`` (no autograd)."""
+        if self.compressed:
+            return sparse.sparse_forward(self.pattern, self.values, self.bias, h, out, self.kind)
+        return sparse.dense_forward(self.weight, self.bias, h, out, onednn=self.onednn)
+
+    def backward(self, gz: torch.Tensor, h: torch.Tensor, need_input: bool,
+                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(d leaf, d bias, d h)`` from ``gz = dL/dz`` and the layer's input ``h``."""
+        if self.compressed:
+            return sparse.sparse_backward(self.pattern, self.values, gz, h, need_input, out, self.kind)
+        return sparse.dense_backward(self.weight, gz, h, need_input, out, onednn=self.onednn)
+
+
+_workspace = threading.local()
+
+
+def _buffer(name: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A reusable per-thread scratch tensor (large fresh allocations cost page faults and cache misses)."""
+    store = _workspace.__dict__.setdefault("buffers", {})
+    buf = store.get(name)
+    numel = math.prod(shape)
+    dtype = dtype or like.dtype
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != like.device:
+        buf = torch.empty(numel, dtype=dtype, device=like.device)
+        store[name] = buf
+    return buf[:numel].view(shape)
+
+
+def release_buffers() -> None:
+    """Free this thread's scratch buffers."""
+    _workspace.__dict__.pop("buffers", None)
+
+
+class _Net:
+    """The engine's working copy of :class:`Params`: transposed activations, compressed sparse layers.
+
+    Dense layers use the ``Params`` tensors themselves; compressed layers hold their unmasked
+    weights as new tensors, written back by :meth:`write_back`. Training steps are backpropagated
+    by hand (:meth:`step`): the same products and elementwise derivatives autograd would form,
+    in place in reused buffers, without building a graph per mini-batch.
+    """
+
+    def __init__(self, params: Params) -> None:
+        device = params.weights[0].device
+        kind = ENGINE.sparse_backend or sparse.backend(device)
+        self.kind = kind
+        self.layers = [_Layer(w, b, m, kind) for w, b, m in zip(params.weights, params.biases, params.masks)]
+        self.signature = _signature(params, kind)
+        self._saved: tuple | None = None
+
+    # -- training ----------------------------------------------------------------------------
+    def leaves(self) -> tuple[list[torch.Tensor], list[list[int] | None]]:
+        leaves = [layer.leaf() for layer in self.layers] + [layer.bias for layer in self.layers]
+        segments = [layer.segments() for layer in self.layers] + [None] * len(self.layers)
+        return leaves, segments
+
+    def apply_masks(self) -> None:
+        with torch.no_grad():
+            for layer in self.layers:
+                if layer.mask is not None:
+                    layer.weight.mul_(layer.mask)
+
+    @torch.no_grad()
+    def logits_t(self, xt: torch.Tensor, mod: Modulation, stab, noise: NoiseSource | None) -> torch.Tensor:
+        """Logits ``[P, C, B]`` of transposed inputs ``xt`` ``[P, in, B]``; keeps what :meth:`step`'s
+        backward pass needs. Same operations, same order as the dense path (module docstring)."""
+        p = mod.protection
+        scale = mod.damping * stabiliser.effective_gain(mod.gain, p, stab)
+        shift = stabiliser.inhibitory_shift(p, stab)
+        n_patients, n = xt.shape[0], xt.shape[2]
+        inputs, derivs = [xt], []
+        h = xt
+        relu = mod.activation == "relu"
+        for i, layer in enumerate(self.layers[:-1]):
+            units = layer.bias.shape[1]
+            z = layer.forward(h, _buffer(f"train/a{i}", (n_patients, units, n), xt))
+            d = _buffer(f"train/d{i}", z.shape, z, torch.bool if relu else None)
+            if mod.noise_sigma > 0:  # act, noise (drawn [P, B, units] as the dense path), * scale, - shift
+                h, d = sparse.post_activation(z, mod.activation, 1.0, 0.0, deriv=d, kind=self.kind)
+                draw = noise.fill_(_buffer("train/noise", (n_patients, n, units), xt))
+                sparse.add_noise_t(h, draw, mod.noise_sigma, 0.0, scale, shift, kind=self.kind)
+            else:  # one fused pass (x * 1.0 and x - 0.0 are skipped: they change nothing)
+                h, d = sparse.post_activation(z, mod.activation, scale, shift, deriv=d, kind=self.kind)
+            derivs.append(d)
+            inputs.append(h)
+        self._saved = (inputs, derivs, scale)
+        return self.layers[-1].forward(h)
+
+    @torch.no_grad()
+    def step(self, xt: torch.Tensor, y: torch.Tensor, mod: Modulation, stab,
+             noise: NoiseSource | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Per-patient mean cross-entropy ``[P]`` of one mini-batch and the gradients of its sum with
+        respect to :meth:`leaves` (in that order)."""
+        logits = forward(self, xt, mod, stab, noise=noise)  # -> logits_t, via the public entry point
+        inputs, derivs, scale = self._saved
+        self._saved = None
+        logp = torch.log_softmax(logits, 1)
+        target = y.unsqueeze(1)
+        loss = logp.gather(1, target).squeeze(1).neg_().mean(1)
+        g = logp.exp_()  # d(sum_p mean_b CE) / d logits = (softmax - onehot) / B
+        g.scatter_add_(1, target, torch.full(target.shape, -1.0, dtype=g.dtype, device=g.device))
+        g.mul_(1.0 / y.shape[1])
+        n_layers = len(self.layers)
+        g_leaf: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
+        g_bias: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
+        for i in range(n_layers - 1, -1, -1):
+            h = inputs[i]
+            out = _buffer(f"train/g{i}", h.shape, h) if i > 0 else None
+            g_leaf[i], g_bias[i], gh = self.layers[i].backward(g, h, i > 0, out)
+            if i > 0:  # through h = (act(z) [+ noise]) * scale [- shift]
+                g = sparse.pre_activation_grad(gh, derivs[i - 1], scale, kind=self.kind)
+        return loss, g_leaf + g_bias
+
+    def write_back(self, params: Params) -> None:
+        """Copy compressed values into ``params``' dense weights (masked entries exactly 0)."""
+        for layer, w in zip(self.layers, params.weights):
+            if layer.compressed:
+                layer.pattern.scatter(layer.values, w)
+
+    def export(self, params: Params) -> Params:
+        """A copy of ``params`` holding the current values."""
+        out = params.clone()
+        self.write_back(out)
+        return out
+
+    # -- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward_eval(self, x: torch.Tensor, mod: Modulation, stab, noise: NoiseSource | None,
+                     biased: BiasedNoise | None, magnitudes: list[torch.Tensor] | None) -> torch.Tensor:
+        """Logits ``[P, N, C]`` (no autograd; the same operations in the same order as the dense path)."""
+        p = mod.protection
+        scale = mod.damping * stabiliser.effective_gain(mod.gain, p, stab)
+        shift = stabiliser.inhibitory_shift(p, stab)
+        n_patients, n = x.shape[0], x.shape[1]
+        sigmas = ([mod.noise_sigma] if mod.noise_sigma > 0 else []) + ([biased.sigma] if biased else [])
+        lift = biased.shift * stabiliser.biased_shift_scale(p, stab) if biased is not None else 0.0
+        h = x.transpose(1, 2).contiguous()
+        for i, layer in enumerate(self.layers[:-1]):
+            units = layer.bias.shape[1]
+            z = layer.forward(h, _buffer(f"eval/h{i % 2}", (n_patients, units, n), x))
+            if magnitudes is not None:
+                h, _ = sparse.post_activation(z, mod.activation, 1.0, 0.0, deriv=False, kind=self.kind)
+                magnitudes.append((h * (mod.damping * mod.gain)).abs().mean(dim=(1, 2)))
+                if not sigmas and scale != 1.0:
+                    h.mul_(scale)
+                if not sigmas and shift:
+                    h.sub_(shift)
+            elif sigmas:
+                h, _ = sparse.post_activation(z, mod.activation, 1.0, 0.0, deriv=False, kind=self.kind)
+            else:  # act, * scale, - shift in one pass
+                h, _ = sparse.post_activation(z, mod.activation, scale, shift, deriv=False, kind=self.kind)
+            for k, sigma in enumerate(sigmas):  # each [P, N, units] in the dense path's order
+                draw = noise.fill_(_buffer("eval/noise", (n_patients, n, units), x))
+                last = k == len(sigmas) - 1
+                sparse.add_noise_t(h, draw, sigma, lift if last else 0.0, scale if last else 1.0,
+                                   shift if last else 0.0, kind=self.kind)
+        return self.layers[-1].forward(h).transpose(1, 2)
+
+
+def _signature(params: Params, kind: str) -> tuple:
+    return (kind, ENGINE, tuple((id(t), t._version) for t in params.weights + params.biases + params.masks))
+
+
+def _eval_net(params: Params) -> _Net:
+    """The engine copy of ``params`` for evaluation, cached on ``params`` until a tensor changes."""
+    kind = ENGINE.sparse_backend or sparse.backend(params.weights[0].device)
+    cached = getattr(params, "_engine_net", None)
+    if cached is not None and cached.signature == _signature(params, kind):
+        return cached
+    net = _Net(params)
+    params._engine_net = net
+    return net
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
 def train(
     params: Params,
     x: torch.Tensor,
@@ -305,7 +703,11 @@ def train(
     snapshots: Sequence[int] = (),
     on_epoch: Callable[[int], None] | None = None,
 ) -> dict[int, Params]:
-    """Train ``params`` in place with a fresh Adam, re-applying masks after every step.
+    """Train ``params`` in place with a fresh Adam; masked weights stay exactly 0.
+
+    Large layers at most :attr:`EngineConfig.sparse_max_density` dense train compressed (only their
+    unmasked weights exist, so a pruned weight cannot revive); other masked layers are re-masked
+    after every step.
 
     Parameters
     ----------
@@ -326,35 +728,40 @@ def train(
     Raises
     ------
     NonFiniteError
-        When any patient's loss becomes NaN or inf.
+        When any patient's loss becomes NaN or inf, or its weights do after the last step.
     """
     n = x.shape[1]
     out: dict[int, Params] = {}
     if 0 in snapshots:
         out[0] = params.clone()
-    for w in params.weights + params.biases:
-        w.requires_grad_(True)
-    leaves = params.weights + params.biases
-    opt = BatchedAdam(leaves, lr)
+    net = _Net(params)
+    leaves, segments = net.leaves()
+    opt = BatchedAdam(leaves, lr, segments=segments)
+    xt = x.transpose(1, 2).contiguous()  # [P, in, N]: one gather per step gives the transposed batch
     try:
         for epoch in range(epochs):
             mod = schedule(epoch)
             total = torch.zeros(params.n_patients, dtype=torch.float64, device=x.device)
             for idx in epoch_batches(n, batch_size, shuffle, x.device):
-                xb, yb = gather_batch(x, y, idx)
-                loss = batch_loss(params, xb, yb, mod, stab, noise)
-                grads = torch.autograd.grad(loss.sum(), leaves)
+                xb = torch.gather(xt, 2, idx.unsqueeze(1).expand(-1, xt.shape[1], -1))
+                loss, grads = net.step(xb, torch.gather(y, 1, idx), mod, stab, noise)
                 opt.step(grads)
-                params.apply_masks()
-                total += loss.detach()
+                net.apply_masks()
+                total += loss
             bad = (~torch.isfinite(total)).nonzero().flatten().tolist()
             if bad:
                 raise NonFiniteError(bad, epoch)
             if epoch + 1 in snapshots:
-                out[epoch + 1] = params.clone()
+                out[epoch + 1] = net.export(params)
             if on_epoch is not None:
                 on_epoch(epoch + 1)
     finally:
-        for w in leaves:
-            w.requires_grad_(False)
+        net.write_back(params)
+    if epochs > 0:  # a blow-up on the very last step shows in no loss: check what that step left
+        with torch.no_grad():
+            last = batch_loss(params, x[:, :batch_size], y[:, :batch_size], schedule(epochs - 1).replace(
+                noise_sigma=0.0), stab, None)
+        bad = (~torch.isfinite(last)).nonzero().flatten().tolist()
+        if bad:
+            raise NonFiniteError(bad, epochs - 1)
     return out

@@ -1,0 +1,241 @@
+"""Measure each performance lever of the engine on its own (the numbers behind docs/performance.md).
+
+Every figure is CPU seconds of this process (``time.process_time``) per patient, the minimum over a
+few repeats, so other work on a shared machine disturbs it less than wall time would. One torch
+thread unless ``--threads`` says otherwise.
+
+    python benchmarks/bench_levers.py            # about 2 minutes
+    python benchmarks/bench_levers.py --only crossover,step
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from virtualpatient import network, plasticity, sparse
+from virtualpatient.network import Modulation
+from virtualpatient.protocol import Protocol
+
+STAB = Protocol().stabiliser
+SIZES = (2, 512, 512, 256, 4)
+
+
+def _cpu(fn, repeat: int = 3, number: int = 10) -> float:
+    """Minimum CPU seconds of one call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.process_time()
+        for _ in range(number):
+            fn()
+        best = min(best, (time.process_time() - start) / number)
+    return best
+
+
+def _lesioned(p: int, regrow: bool = False) -> network.Params:
+    gens = [torch.Generator().manual_seed(i) for i in range(p)]
+    params = network.init_params(SIZES, gens)
+    plasticity.prune_per_layer(params, [0.95] * p)
+    if regrow:  # reinstate a random half of the pruned positions: the ketamine-like 47.5 %
+        for m in params.masks:
+            for i in range(p):
+                pruned = (m[i] == 0).nonzero()
+                pick = pruned[torch.randperm(len(pruned), generator=gens[i])[: len(pruned) // 2]]
+                m[i][pick[:, 0], pick[:, 1]] = 1.0
+    return params
+
+
+def _layer_costs(p: int, density: float, x, g, b, gen) -> list[float]:
+    mask = (torch.rand(p, 512, 512, generator=gen) < density).float()
+    w = torch.randn(p, 512, 512, generator=gen) * mask
+    pattern = sparse.Pattern(mask)
+    values = pattern.gather(w)
+
+    def mkl():
+        torch.baddbmm(b.unsqueeze(2), w, x)
+        torch.bmm(g, x.transpose(1, 2))
+        torch.bmm(w.transpose(1, 2), g)
+
+    def onednn():
+        sparse.dense_forward(w, b, x)
+        sparse.dense_backward(w, g, x)
+
+    def compressed(kind):
+        sparse.sparse_forward(pattern, values, b, x, kind=kind)
+        sparse.sparse_backward(pattern, values, g, x, kind=kind)
+
+    fns = (mkl, onednn, lambda: compressed("native"), lambda: compressed("torch"))
+    return [_cpu(f, number=3) * 1e3 / p for f in fns]
+
+
+def crossover(p: int = 10, n: int = 128) -> None:
+    """Forward + backward of one 512 x 512 layer for P patients, per patient, by density."""
+    print(f"crossover     512x512 layer, P={p}, {n} samples, forward+backward ms per patient")
+    print("crossover     density  mkl_bmm  onednn  sparse_native  sparse_torch")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(p, 512, n, generator=gen)
+    g = torch.randn(p, 512, n, generator=gen)
+    b = torch.randn(p, 512, generator=gen)
+    for density in (0.05, 0.1, 0.2, 0.3, 0.4, 0.525, 1.0):
+        row = _layer_costs(p, density, x, g, b, gen)
+        print(f"crossover     {density:7.3f}  " + "  ".join(f"{t:7.3f}" for t in row))
+
+
+def _plain_step(params: network.Params, p: int):
+    """The pre-engine step: dense autograd (baddbmm) + the eight-pass Adam, masks after each step."""
+    leaves = [t.clone().requires_grad_(True) for t in params.weights + params.biases]
+    ws, bs = leaves[:4], leaves[4:]
+    masks = params.masks
+    x = torch.randn(p, 128, 2)
+    y = torch.randint(0, 4, (p, 128))
+    m = [torch.zeros_like(t) for t in leaves]
+    v = [torch.zeros_like(t) for t in leaves]
+    mod = Modulation(gain=1.6, protection=1.0)
+
+    def step():
+        logits = network._forward_dense(network.Params(ws, bs, masks), x, mod, STAB, None, None, None)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(p, -1).mean(1)
+        grads = torch.autograd.grad(loss.sum(), leaves)
+        with torch.no_grad():
+            for t, gr, mm, vv in zip(leaves, grads, m, v):
+                mm.lerp_(gr, 0.1)
+                vv.mul_(0.999).addcmul_(gr, gr, value=0.001)
+                t.addcdiv_(mm * 1e-6, (vv.sqrt() / 0.03).add_(1e-8), value=-1.0)
+            for t, mk in zip(ws, masks):
+                t.mul_(mk)
+    return step
+
+
+def _engine_step(params: network.Params, p: int):
+    net = network._Net(params)
+    leaves, segments = net.leaves()
+    opt = network.BatchedAdam(leaves, 1e-6, segments=segments)
+    x = torch.randn(p, 2, 128)
+    y = torch.randint(0, 4, (p, 128))
+    mod = Modulation(gain=1.6, protection=1.0)
+
+    def step():
+        _, grads = net.step(x, y, mod, STAB, None)
+        opt.step(grads)
+        net.apply_masks()
+    return step
+
+
+def step(p: int = 10) -> None:
+    """One training step (batch 128) per patient: the pre-engine dense step vs the engine."""
+    print(f"step          training step, batch 128, P={p}, ms per patient-step")
+    for label, regrow in (("95%", False), ("47.5%", True)):
+        params = _lesioned(p, regrow)
+        plain = _cpu(_plain_step(params, p)) * 1e3 / p
+        engine = _cpu(_engine_step(params, p)) * 1e3 / p
+        with network.engine_options(sparse_backend="off"):
+            dense = _cpu(_engine_step(params, p)) * 1e3 / p
+        with network.engine_options(sparse_max_density=1.0):
+            compressed = _cpu(_engine_step(params, p)) * 1e3 / p
+        print(f"step          {label:6s} sparse: plain {plain:.3f}  engine {engine:.3f}  "
+              f"engine_all_dense {dense:.3f}  engine_all_compressed {compressed:.3f}  ratio {plain / engine:.1f}x")
+
+
+def adam(p: int = 10) -> None:
+    """The optimiser step over all 396k parameters of P patients: eight passes vs torch's fused kernel."""
+    params = _lesioned(p)
+    tensors = [t.clone() for t in params.weights + params.biases]
+    grads = [torch.randn_like(t) for t in tensors]
+    fused = network.BatchedAdam(tensors, 1e-3)
+    saved, network._FUSED_ADAM = network._FUSED_ADAM, False
+    try:
+        manual = network.BatchedAdam([t.clone() for t in tensors], 1e-3)
+        t_manual = _cpu(lambda: manual.step(grads)) * 1e3 / p
+    finally:
+        network._FUSED_ADAM = saved
+    t_fused = _cpu(lambda: fused.step(grads)) * 1e3 / p
+    print(f"adam          dense 396k parameters, ms per patient-step: eight_passes {t_manual:.3f}  fused {t_fused:.3f}")
+
+
+def scaling(sizes=(1, 2, 5, 10, 20, 50)) -> None:
+    """Engine step cost per patient as the batch of patients grows."""
+    for label, regrow in (("95%", False), ("47.5%", True)):
+        cells = []
+        for p in sizes:
+            params = _lesioned(p, regrow)
+            cells.append(f"P={p} {_cpu(_engine_step(params, p), number=5) * 1e3 / p:.3f}")
+        print(f"scaling       {label:6s} ms per patient-step:  " + "  ".join(cells))
+
+
+def _evaluation_costs(params, data_x, p: int) -> tuple[float, float, float]:
+    noise = network.NoiseSource([torch.Generator().manual_seed(i) for i in range(p)])
+    mod = Modulation(protection=0.5)
+    biased = network.BiasedNoise()
+    buf = torch.empty(p, 4000, 512)
+    engine = _cpu(lambda: network.forward(params, data_x, mod, STAB, noise=noise, biased=biased), number=3)
+    draws = _cpu(lambda: (noise.fill_(buf), noise.fill_(buf), noise.fill_(buf[:, :, :256].contiguous())), number=3)
+    plain = _cpu(lambda: network._forward_dense(params, data_x, mod, STAB, noise, biased, None), number=3)
+    return plain, engine, draws
+
+
+def evaluation(p: int = 10) -> None:
+    """One biased test (4,000 points) per patient: noise draws vs the rest."""
+    data_x = torch.randn(p, 4000, 2) * 3
+    for label, regrow in (("95%", False), ("47.5%", True)):
+        plain, engine, draws = _evaluation_costs(_lesioned(p, regrow), data_x, p)
+        print(f"evaluation    {label:6s} biased test, ms per patient: plain {plain * 1e3 / p:.2f}  "
+              f"engine {engine * 1e3 / p:.2f}  of which noise draws {draws * 1e3 / p:.2f}")
+
+
+def threads(p: int = 10) -> None:
+    """The engine step with 1 and 2 intra-op threads (wall time: threads only help if cores are free)."""
+    cells = []
+    for label, regrow in (("95%", False), ("47.5%", True)):
+        params = _lesioned(p, regrow)
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            fn = _engine_step(params, p)
+            fn()
+            start = time.perf_counter()
+            for _ in range(10):
+                fn()
+            cells.append(f"{label} threads={n} {(time.perf_counter() - start) / 10 * 1e3 / p:.3f}")
+    torch.set_num_threads(1)
+    print("threads       wall ms per patient-step:  " + "  ".join(cells))
+
+
+def compiled(p: int = 10) -> None:
+    """torch.compile (inductor) of the plain dense step, against the same step eager."""
+    params = _lesioned(p)
+    plain = _plain_step(params, p)
+    eager = _cpu(plain) * 1e3 / p
+    try:
+        start = time.perf_counter()
+        fn = torch.compile(plain)
+        fn()
+        build = time.perf_counter() - start
+        t = _cpu(fn) * 1e3 / p
+        print(f"compile       plain dense step, ms per patient-step: eager {eager:.3f}  compiled {t:.3f}  "
+              f"(compile {build:.0f} s)")
+    except Exception as exc:  # inductor needs a C++ compiler; report rather than fail
+        print(f"compile       unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+
+
+LEVERS = {"crossover": crossover, "step": step, "adam": adam, "scaling": scaling, "evaluation": evaluation,
+          "threads": threads, "compile": compiled}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(LEVERS)}")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print(f"bench_levers  torch {torch.__version__}  sparse {sparse.backend('cpu')}  onednn {sparse._ONEDNN}  "
+          f"cpu {torch.backends.cpu.get_cpu_capability()}")
+    for name in (args.only.split(",") if args.only else LEVERS):
+        LEVERS[name]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
