@@ -12,18 +12,10 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from virtualpatient.trial import COLUMNS
+
 #: Columns every results table must have (see ``docs/results-schema.md``).
-REQUIRED_COLUMNS: tuple[str, ...] = (
-    "patient",
-    "arm",
-    "phase",
-    "metric",
-    "condition",
-    "noise_sigma",
-    "maintenance_epochs",
-    "step",
-    "value",
-)
+REQUIRED_COLUMNS: tuple[str, ...] = tuple(COLUMNS)
 
 #: How the paper names the arms of the study.
 ARM_DISPLAY_NAMES: dict[str, str] = {

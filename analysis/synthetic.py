@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis._data import REQUIRED_COLUMNS
+
 __all__ = ["PROFILES", "make_protocol", "make_results", "write_run"]
 
 PAPER_SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.5)
@@ -290,17 +292,7 @@ def make_results(
                         )
     df = pd.DataFrame.from_records(
         records,
-        columns=[
-            "patient",
-            "arm",
-            "phase",
-            "metric",
-            "condition",
-            "noise_sigma",
-            "maintenance_epochs",
-            "step",
-            "value",
-        ],
+        columns=list(REQUIRED_COLUMNS),
     )
     df["patient"] = df["patient"].astype(int)
     cov = pd.DataFrame(

@@ -8,21 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from analysis._data import REQUIRED_COLUMNS
 from analysis.longitudinal import relapse_gee, washout_mixedlm
 from analysis.survival import cox, kaplan_meier, logrank, time_to_relapse
 
 NAN = float("nan")
-COLS = [
-    "patient",
-    "arm",
-    "phase",
-    "metric",
-    "condition",
-    "noise_sigma",
-    "maintenance_epochs",
-    "step",
-    "value",
-]
+COLS = list(REQUIRED_COLUMNS)
 DURATIONS = (25.0, 50.0, 100.0, 150.0, 200.0, 300.0)
 
 

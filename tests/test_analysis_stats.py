@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
+from analysis._data import REQUIRED_COLUMNS
 from analysis.stats import (
     cohen_dz,
     compare_arms,
@@ -35,17 +36,7 @@ def long_frame(
             rows.append((p, arm, phase, metric, condition, NAN, NAN, NAN, float(v)))
     return pd.DataFrame(
         rows,
-        columns=[
-            "patient",
-            "arm",
-            "phase",
-            "metric",
-            "condition",
-            "noise_sigma",
-            "maintenance_epochs",
-            "step",
-            "value",
-        ],
+        columns=list(REQUIRED_COLUMNS),
     )
 
 

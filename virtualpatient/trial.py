@@ -27,16 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from virtualpatient import plasticity
 from virtualpatient.assessments import ACUTE, OFF_MEDICATION, assess
 from virtualpatient.assessments import biased as biased_test
 from virtualpatient.cohort import COVARIATES, Cohort, PatientSpec
-from virtualpatient.network import Modulation, NonFiniteError
+from virtualpatient.network import Modulation, NoiseSource, NonFiniteError, Params
 from virtualpatient.patient import PatientBatch
 from virtualpatient.protocol import Protocol
 from virtualpatient.stabiliser import washout_schedule
 from virtualpatient.store import RunStore
+from virtualpatient.task import TaskData
 
 __all__ = ["COLUMNS", "ClinicalTrial", "TrainingDivergedError", "run_arm", "run_baseline"]
 
@@ -138,24 +140,32 @@ def longitudinal(batch: PatientBatch, arm: str, tick: Tick = None) -> list[dict]
             _train_guard(run, arm, f"maintenance ({d} epochs)",
                          lambda run=run, d=d: run.train(d, cfg.lr, stream, on_epoch=_scale_tick(tick, len(batch))))
             snaps[d] = run.params
+    if not cfg.durations:
+        return []
+    # All durations are tested as one batch of len(durations) x P networks: one evaluation call per
+    # wash-out step instead of one per duration. Each (duration, patient) keeps its own noise stream.
+    durations, n = list(cfg.durations), len(batch)
+    repeat = torch.arange(n, device=batch.device).repeat(len(durations))
+    data = TaskData(*(getattr(batch.data, f).index_select(0, repeat) for f in TaskData.__dataclass_fields__))
+    maintained = PatientBatch([s for _ in durations for s in batch.specs], batch.protocol,
+                              Params.cat([snaps[d] for d in durations]), on_drug.modulation, data)
+    noise = NoiseSource([s.generator(f"{arm}/washout/{d}") for d in durations for s in batch.specs])
+    per_duration: dict[int, list[dict]] = {d: [] for d in durations}
+
+    def collect(rows: list[dict], phase: str, **extra: Any) -> None:
+        for i, r in enumerate(rows):
+            d = durations[i // n]
+            per_duration[d] += _tag([r], arm, phase, maintenance_epochs=d, **extra)
+
+    collect(assess(maintained, ("standard",), f"{arm}/maintenance/assess"), "maintenance")
     levels = washout_schedule(cfg.protection, rate, cfg.washout_steps)
-    rows: list[dict] = []
-    for d in cfg.durations:
-        maintained = PatientBatch(batch.specs, batch.protocol, snaps[d], on_drug.modulation, batch._data)
-        rows += _tag(assess(maintained, ("standard",), f"{arm}/maintenance/{d}/assess"), arm, "maintenance",
-                     maintenance_epochs=d)
-        noise = maintained.noise(f"{arm}/washout/{d}")
-        biased = None
-        for step, p in enumerate(levels):
-            off = maintained.with_modulation(DISCONTINUED.replace(protection=p))
-            biased = biased_test(off, noise)
-            rows += _tag(biased, arm, "washout", maintenance_epochs=d, step=step)
-            rows += _tag([dict(r, metric="protection", condition="", value=p) for r in biased], arm, "washout",
-                         maintenance_epochs=d, step=step)
-        rows += _tag(
-            [dict(r, metric="relapsed", condition="", value=float(r["value"] < cfg.relapse_threshold)) for r in biased],
-            arm, "washout", maintenance_epochs=d, step=len(levels) - 1)
-    return rows
+    for step, p in enumerate(levels):
+        biased = biased_test(maintained.with_modulation(DISCONTINUED.replace(protection=p)), noise)
+        collect(biased, "washout", step=step)
+        collect([dict(r, metric="protection", condition="", value=p) for r in biased], "washout", step=step)
+    collect([dict(r, metric="relapsed", condition="", value=float(r["value"] < cfg.relapse_threshold)) for r in biased],
+            "washout", step=len(levels) - 1)
+    return [r for d in durations for r in per_duration[d]]
 
 
 def acute_relapse(batch: PatientBatch, arm: str, before: Sequence[float]) -> list[dict]:
