@@ -311,7 +311,7 @@ def _tables_section(df: pd.DataFrame, protocol: dict, n_resamples: int, seed: in
             "p",
             "Each row: our mean ± SD across patients, the 95 % confidence interval of our mean "
             "(t and BCa bootstrap), the published mean ± SD, and the deviation in our SD units. "
-            "The deviation is ±inf when our SD is 0 and the means differ.",
+            "The deviation is ±inf when our SD is 0 and the means differ at the paper's printed precision.",
         ),
     ]
     header = [

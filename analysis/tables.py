@@ -358,8 +358,8 @@ def compare_published(
         ``column``, ``arm``, ``phase``, ``metric``, ``condition``,
         ``noise_sigma``, ``decimals``, ``n``, ``mean``, ``sd`` (ddof=0),
         ``paper_mean``, ``paper_sd`` and ``deviation_sd`` = (ours - paper) /
-        our SD (``inf`` when our SD is 0 and the means differ, 0 when equal,
-        NaN when either side is missing).  Off-medication rows have
+        our SD (when our SD is 0: 0 if the means agree to the paper's printed
+        ``decimals``, else ``inf``; NaN when either side is missing).  Off-medication rows have
         ``table == "Off medication"``.
 
     Examples
@@ -406,18 +406,19 @@ def compare_published(
                 "sd": sd,
                 "paper_mean": paper_mean,
                 "paper_sd": paper_sd,
-                "deviation_sd": _deviation(mean, sd, paper_mean),
+                "deviation_sd": _deviation(mean, sd, paper_mean, col.decimals),
             }
         )
     return pd.DataFrame.from_records(records)
 
 
-def _deviation(mean: float, sd: float, paper: float) -> float:
+def _deviation(mean: float, sd: float, paper: float, decimals: int = 12) -> float:
     if math.isnan(mean) or math.isnan(paper) or math.isnan(sd):
         return float("nan")
     diff = mean - paper
     if sd == 0.0:
-        if math.isclose(mean, paper, abs_tol=1e-12):
+        # the paper prints `decimals` digits: a smaller difference is no difference (94.9993 is 95.0)
+        if abs(diff) < 0.5 * 10.0 ** -decimals:
             return 0.0
         return math.copysign(math.inf, diff)
     return diff / sd

@@ -205,3 +205,13 @@ def test_compare_published_deviation_in_our_sd_units(results):
         & (cmp["column"] == "Sparsity (%)")
     ].iloc[0]
     assert sparsity["deviation_sd"] == 0.0
+
+
+def test_zero_sd_deviation_judged_at_the_papers_precision():
+    """With our SD 0, a mean that rounds to the published value at its printed decimals (94.9993 vs
+    95.0) deviates by 0, and one that does not (94.9 vs 95.0) by -inf."""
+    from analysis.tables import _deviation
+
+    assert _deviation(94.9993, 0.0, 95.0, 1) == 0.0
+    assert _deviation(94.9, 0.0, 95.0, 1) == -math.inf
+    assert _deviation(95.06, 0.0, 95.0, 1) == math.inf
