@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from virtualpatient.protocol import AssessmentConfig, LongitudinalConfig
 from virtualpatient.trial import COLUMNS
 
 #: Columns every results table must have (see ``docs/results-schema.md``).
@@ -28,7 +29,10 @@ ARM_DISPLAY_NAMES: dict[str, str] = {
 UNTREATED = "untreated"
 
 #: Default relapse threshold (percent biased-noise accuracy) of the paper.
-DEFAULT_RELAPSE_THRESHOLD = 60.0
+DEFAULT_RELAPSE_THRESHOLD = LongitudinalConfig().relapse_threshold
+
+#: The paper's "extreme" internal-noise level (Table 2's last column, the off-medication test).
+EXTREME_SIGMA = max(AssessmentConfig().resilience_sigmas)
 
 
 def display_name(arm: str) -> str:

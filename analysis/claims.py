@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from analysis._data import check_results, display_name, select
+from analysis._data import EXTREME_SIGMA, check_results, display_name, select
 from analysis._results import ResultsBase, fmt_p, frame_to_text
 from analysis.stats import holm, paired_test, paired_values
 
@@ -284,7 +284,7 @@ CLAIMS: tuple[Claim, ...] = (
         "Results, stress resilience; Table 2",
         "Ketamine-like keeps the highest accuracy at extreme noise (σ = 2.5)",
         "one-sided paired Wilcoxon ketamine > each other arm at σ = 2.5, Holm",
-        lambda c: _extreme(c, KET, (UNT, *TREATED), "accuracy", "internal_noise", None, 2.5),
+        lambda c: _extreme(c, KET, (UNT, *TREATED), "accuracy", "internal_noise", None, EXTREME_SIGMA),
     ),
     Claim(
         "R6",
@@ -375,7 +375,7 @@ CLAIMS: tuple[Claim, ...] = (
         "Results, neurosteroid medication dependence",
         "Switching the damping off raises neurosteroid-like accuracy at σ = 2.5",
         "one-sided paired Wilcoxon off medication > acute",
-        lambda c: _on_off(c, "internal_noise", 2.5, on_higher=False),
+        lambda c: _on_off(c, "internal_noise", EXTREME_SIGMA, on_higher=False),
     ),
     Claim(
         "R18",

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis._data import arm_order, check_results, display_name
+from analysis._data import EXTREME_SIGMA, arm_order, check_results, display_name
 from analysis._results import fmt_num, fmt_p
 
 __all__ = ["RunData", "load_run", "write_report"]
@@ -36,7 +36,7 @@ FIGURES_DIR = "figures"
 #: The arm comparisons shown in the report: (title, metric, condition, phase, sigma).
 COMPARISONS = [
     ("Combined-stress accuracy (Table 1)", "accuracy", "combined", None, None),
-    ("Extreme-noise accuracy, σ = 2.5 (Table 2)", "accuracy", "internal_noise", None, 2.5),
+    (f"Extreme-noise accuracy, σ = {EXTREME_SIGMA:g} (Table 2)", "accuracy", "internal_noise", None, EXTREME_SIGMA),
     ("Biased-noise accuracy (Table 3)", "accuracy", "biased", None, None),
     ("Activation magnitude (Table 3)", "activation_magnitude", "", None, None),
     ("Acute relapse drop (Table 4)", "relapse_drop", "", "acute_relapse", None),

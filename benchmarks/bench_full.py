@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                                        initializer=_one_thread)
     print(f"bench_full    python {platform.python_version()}  torch {torch.__version__}  cpus {os.cpu_count()}  "
           f"workers {args.workers}  threads {1 if args.workers > 1 else torch.get_num_threads()}  "
-          f"sparse {sparse.backend('cpu')}  onednn {sparse._ONEDNN}")
+          f"sparse {sparse.backend('cpu')}  onednn {sparse.onednn_available()}")
     cfg = protocol.longitudinal
     print(f"protocol      {protocol.name}  patients {protocol.n_patients}  patients_per_unit {per_unit}  "
           f"durations {','.join(map(str, cfg.durations))}  washout_steps {cfg.washout_steps}")

@@ -147,12 +147,12 @@ def adam(p: int = 10) -> None:
     tensors = [t.clone() for t in params.weights + params.biases]
     grads = [torch.randn_like(t) for t in tensors]
     fused = network.BatchedAdam(tensors, 1e-3)
-    saved, network._FUSED_ADAM = network._FUSED_ADAM, False
+    saved, network.FUSED_ADAM = network.FUSED_ADAM, False
     try:
         manual = network.BatchedAdam([t.clone() for t in tensors], 1e-3)
         t_manual = _cpu(lambda: manual.step(grads)) * 1e3 / p
     finally:
-        network._FUSED_ADAM = saved
+        network.FUSED_ADAM = saved
     t_fused = _cpu(lambda: fused.step(grads)) * 1e3 / p
     print(f"adam          dense 396k parameters, ms per patient-step: eight_passes {t_manual:.3f}  fused {t_fused:.3f}")
 
@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(LEVERS)}")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    print(f"bench_levers  torch {torch.__version__}  sparse {sparse.backend('cpu')}  onednn {sparse._ONEDNN}  "
-          f"cpu {torch.backends.cpu.get_cpu_capability()}")
+    print(f"bench_levers  torch {torch.__version__}  sparse {sparse.backend('cpu')}  "
+          f"onednn {sparse.onednn_available()}  cpu {torch.backends.cpu.get_cpu_capability()}")
     for name in (args.only.split(",") if args.only else LEVERS):
         LEVERS[name]()
     return 0

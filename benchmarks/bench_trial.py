@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     protocol = _protocol(args.patients)
     cfg = protocol.longitudinal
     print(f"bench_trial   python {platform.python_version()}  torch {torch.__version__}  threads {args.threads}  "
-          f"cpus {os.cpu_count()}  sparse {sparse.backend('cpu')}  onednn {sparse._ONEDNN}")
+          f"cpus {os.cpu_count()}  sparse {sparse.backend('cpu')}  onednn {sparse.onednn_available()}")
     print(f"protocol      patients {args.patients}  layers {'-'.join(map(str, protocol.network.layer_sizes))}  "
           f"n_train {protocol.task.n_train}  n_standard {protocol.task.n_standard}  batch "
           f"{protocol.baseline.batch_size}  baseline {protocol.baseline.epochs}  "

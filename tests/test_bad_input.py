@@ -37,9 +37,6 @@ n_clean = 32
 [baseline]
 epochs = 2
 
-[assessment]
-eval_batch_size = 128
-
 [longitudinal]
 durations = [1, 2]
 washout_steps = 3

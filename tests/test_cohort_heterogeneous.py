@@ -24,7 +24,6 @@ def _tiny_heterogeneous(n_patients: int = 4) -> Protocol:
         network={"layer_sizes": [2, 64, 64, 32, 4]},  # 6,400 weights: rounding of per-layer quotas < 0.1 pp
         task={"n_train": 256, "n_standard": 128, "n_clean": 32},
         baseline={"epochs": 3},
-        assessment={"eval_batch_size": 128},
         longitudinal={"durations": [1, 2], "washout_steps": 3},
     )
     data["arms"]["ketamine"].update(epochs=1, score_batches=2)

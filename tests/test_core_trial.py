@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from virtualpatient import ClinicalTrial, PatientBatch, PatientSpec, Protocol
 from virtualpatient.stabiliser import washout_schedule
@@ -241,3 +242,27 @@ def test_baseline_divergence_on_its_only_step_is_reported(make_protocol):
     )
     with pytest.raises(TrainingDivergedError, match="baseline training"):
         ClinicalTrial(protocol, progress=False).run()
+
+
+def test_acute_relapse_prunes_only_what_the_lesion_pruned(make_protocol, monkeypatch):
+    """Under the text's reading (pruning.layers = "hidden") the acute-relapse stressor re-prunes the
+    three hidden matrices to s + 0.4 (1 - s), s their own sparsity, and leaves the output layer whole."""
+    from virtualpatient.trial import acute_relapse
+
+    protocol = make_protocol(pruning={"fraction": 0.9, "layers": "hidden"})
+    batch = PatientBatch([PatientSpec(i, protocol.seed) for i in (0, 1)], protocol)
+    batch.prune()
+    assert batch.lesion_layers == [0, 1, 2]
+    seen = {}
+    original = PatientBatch.clone
+
+    def spy(self):
+        seen["copy"] = original(self)
+        return seen["copy"]
+
+    monkeypatch.setattr(PatientBatch, "clone", spy)
+    acute_relapse(batch, "ketamine", before=[50.0, 50.0])
+    stressed = seen["copy"].params
+    assert torch.all(stressed.masks[3] == 1)
+    s = batch.params.sparsity([0, 1, 2]).numpy() / 100
+    np.testing.assert_allclose(stressed.sparsity([0, 1, 2]).numpy() / 100, s + 0.4 * (1 - s), atol=0.01)

@@ -32,9 +32,6 @@ n_clean = 32
 [baseline]
 epochs = 3
 
-[assessment]
-eval_batch_size = 128
-
 [cohort]
 prune_fraction = {kind = "uniform", low = 0.85, high = 0.98}
 

@@ -191,7 +191,7 @@ def test_compressed_training_is_batching_invariant():
 def test_batched_adam_equals_torch_adam_with_per_patient_rates_and_segments(fused, monkeypatch):
     """BatchedAdam (torch's fused kernel, or the eight-pass fallback of older torch) with two learning
     rates and a flat (segmented) tensor equals torch.optim.Adam run on each patient's slice alone."""
-    monkeypatch.setattr(network, "_FUSED_ADAM", fused and network._FUSED_ADAM)
+    monkeypatch.setattr(network, "FUSED_ADAM", None if fused else False)
     gen = torch.Generator().manual_seed(8)
     dense = torch.randn(3, 5, 4, generator=gen)
     flat = torch.randn(9, generator=gen)

@@ -41,9 +41,6 @@ n_clean = 32
 [baseline]
 epochs = 10
 
-[assessment]
-eval_batch_size = 128
-
 [longitudinal]
 durations = [20, 40]
 washout_steps = 5

@@ -34,6 +34,7 @@ pruned positions too.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -171,10 +172,11 @@ class Params:
             for w, m in zip(self.weights, self.masks):
                 w.mul_(m)
 
-    def sparsity(self) -> torch.Tensor:
-        """Share of mask zeros over all weight-matrix entries, per patient, in percent (fact 7)."""
-        zeros = sum((m == 0).flatten(1).sum(1) for m in self.masks)
-        total = sum(m[0].numel() for m in self.masks)
+    def sparsity(self, layers: Sequence[int] | None = None) -> torch.Tensor:
+        """Share of mask zeros over the weight matrices (default: all), per patient, in percent (fact 7)."""
+        masks = self.masks if layers is None else [self.masks[i] for i in layers]
+        zeros = sum((m == 0).flatten(1).sum(1) for m in masks)
+        total = sum(m[0].numel() for m in masks)
         return 100.0 * zeros.double() / total
 
     def select(self, index: Sequence[int]) -> Params:
@@ -344,7 +346,14 @@ def accuracy(
 # --------------------------------------------------------------------------------------------
 # Adam
 # --------------------------------------------------------------------------------------------
+#: ``False`` forces the plain elementwise Adam update (for tests and benchmarks); by default torch's
+#: fused kernel is used where it works.
+FUSED_ADAM: bool | None = None
+
+
+@functools.cache
 def _fused_adam_works() -> bool:
+    """Whether torch's fused Adam kernel runs here (checked once, on first use)."""
     if not hasattr(torch, "_fused_adam_"):
         return False
     try:
@@ -355,8 +364,6 @@ def _fused_adam_works() -> bool:
     except (RuntimeError, TypeError):  # pragma: no cover - old torch
         return False
 
-
-_FUSED_ADAM = _fused_adam_works()
 
 
 class BatchedAdam:
@@ -416,7 +423,7 @@ class BatchedAdam:
     def step(self, grads: Sequence[torch.Tensor]) -> None:
         self.step_count += 1
         grads = [g.contiguous() for g in grads]
-        if _FUSED_ADAM:
+        if _fused_adam_works() and FUSED_ADAM is not False:
             self._step_t.fill_(self.step_count)
             for lr, patients in self._groups.items():
                 if len(self._groups) == 1:
@@ -537,11 +544,6 @@ def _buffer(name: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.
         buf = torch.empty(numel, dtype=dtype, device=like.device)
         store[name] = buf
     return buf[:numel].view(shape)
-
-
-def release_buffers() -> None:
-    """Free this thread's scratch buffers."""
-    _workspace.__dict__.pop("buffers", None)
 
 
 class _Net:

@@ -155,11 +155,16 @@ class PatientBatch:
         if fractions is None:
             default = self.protocol.pruning.fraction
             fractions = [f if not math.isnan(f) else default for f in self.covariate("prune_fraction")]
-        n_hidden = self.protocol.network.n_hidden
         if self.protocol.pruning.layers == "all":
             plasticity.prune_per_layer(self.params, fractions)
         else:
-            plasticity.prune_global(self.params, fractions, layers=range(n_hidden))
+            plasticity.prune_global(self.params, fractions, layers=self.lesion_layers)
+
+    @property
+    def lesion_layers(self) -> list[int]:
+        """Indices of the weight matrices the lesion prunes: all four, or the hidden ones (text's reading)."""
+        n = len(self.protocol.network.layer_sizes) - 1
+        return list(range(n if self.protocol.pruning.layers == "all" else n - 1))
 
     def sparsity(self) -> torch.Tensor:
         """Per-patient sparsity in percent over all weight matrices."""

@@ -53,9 +53,6 @@ __all__ = [
 
 _STRICT = ConfigDict(extra="forbid")
 
-Fraction = float  # documented alias: a value in [0, 1)
-
-
 class ProtocolError(ValueError):
     """A study file or protocol value is invalid; the message names every offending field."""
 
@@ -135,7 +132,6 @@ class AssessmentConfig:
     off_medication_sigmas: tuple[float, ...] = (2.5,)
     biased_sigma: float = Field(1.0, ge=0)
     biased_shift: float = 1.0
-    eval_batch_size: int = Field(4_000, ge=1)
 
     @field_validator("resilience_sigmas", "off_medication_sigmas")
     @classmethod

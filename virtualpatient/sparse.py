@@ -43,6 +43,7 @@ CPUs, oneDNN its AVX-512 code (1.8x faster here; docs/performance.md).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -628,7 +629,10 @@ def _onednn_works() -> bool:
         return False
 
 
-_ONEDNN = torch.backends.mkldnn.is_available() and _onednn_works()
+@functools.cache
+def onednn_available() -> bool:
+    """Whether oneDNN matmuls work in this torch build (checked once, on first use)."""
+    return torch.backends.mkldnn.is_available() and _onednn_works()
 
 
 def _mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
@@ -637,7 +641,7 @@ def _mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
 
 
 def _use_onednn(*tensors: torch.Tensor) -> bool:
-    return _ONEDNN and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    return onednn_available() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
 def dense_forward(weight: torch.Tensor, bias: torch.Tensor, xt: torch.Tensor,

@@ -19,6 +19,7 @@ Layout::
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -36,8 +37,15 @@ import torch
 __all__ = ["CodeChangedWarning", "RunStore", "RunStoreError", "code_hash", "environment"]
 
 TMP_SUFFIX = ".tmp"
-_UMASK = os.umask(0o022)  # read the process umask once (setting it back at once), at import
-os.umask(_UMASK)
+
+
+@functools.cache
+def _umask() -> int:
+    """The process umask, read once on first write (reading it means setting it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
 #: What a run folder may hold before its manifest exists (a run killed while starting).
 _PRE_MANIFEST = {".lock", "protocol.json"}
 
@@ -94,7 +102,7 @@ def _atomic_write(path: Path, write) -> None:
     except OSError as exc:
         raise RunStoreError(f"{path}: cannot write ({exc.strerror or exc})") from None
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results are ordinary files
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; results are ordinary files
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()

@@ -169,12 +169,17 @@ def longitudinal(batch: PatientBatch, arm: str, tick: Tick = None) -> list[dict]
 
 
 def acute_relapse(batch: PatientBatch, arm: str, before: Sequence[float]) -> list[dict]:
-    """Prune a further share of the remaining weights and re-test under combined stress (fact 11)."""
+    """Prune a further share of the remaining weights and re-test under combined stress (fact 11).
+
+    Each matrix the lesion pruned is re-pruned to ``s + further (1 - s)``, ``s`` the current
+    sparsity over those matrices (all four by default; the hidden ones under the text's reading).
+    """
     cfg = batch.protocol.relapse
-    s = batch.sparsity() / 100.0
+    layers = batch.lesion_layers
+    s = batch.params.sparsity(layers) / 100.0
     targets = [min(float(x) + cfg.further_fraction * (1.0 - float(x)), cfg.max_sparsity) for x in s]
     stressed = batch.clone()
-    plasticity.prune_per_layer(stressed.params, targets)
+    plasticity.prune_per_layer(stressed.params, targets, layers=layers)
     rows = assess(stressed, ("sparsity", "combined"), f"{arm}/relapse")
     after = [r["value"] for r in rows if r["metric"] == "accuracy"]
     drop = [{"patient": spec.index, "metric": "relapse_drop", "condition": "", "noise_sigma": math.nan,
