@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from virtualpatient.network import BiasedNoise, NoiseSource
+
+if TYPE_CHECKING:
+    from virtualpatient.patient import PatientBatch
 
 __all__ = ["ACUTE", "ASSESSMENTS", "OFF_MEDICATION", "assess", "register_assessment"]
 
@@ -47,7 +50,7 @@ def register_assessment(name: str) -> Callable[[Assessment], Assessment]:
     return deco
 
 
-def rows_for(batch, metric: str, values: torch.Tensor | Sequence[float], condition: str = "",
+def rows_for(batch: PatientBatch, metric: str, values: torch.Tensor | Sequence[float], condition: str = "",
              noise_sigma: float = math.nan) -> list[Row]:
     """One row per patient of ``batch``."""
     values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
@@ -58,27 +61,27 @@ def rows_for(batch, metric: str, values: torch.Tensor | Sequence[float], conditi
 
 
 @register_assessment("sparsity")
-def sparsity(batch, noise: NoiseSource | None = None) -> list[Row]:
+def sparsity(batch: PatientBatch, noise: NoiseSource | None = None) -> list[Row]:
     """Share of pruned weights over all weight matrices, percent (fact 7)."""
     return rows_for(batch, "sparsity", batch.sparsity())
 
 
 @register_assessment("clean")
-def clean(batch, noise: NoiseSource | None = None) -> list[Row]:
+def clean(batch: PatientBatch, noise: NoiseSource | None = None) -> list[Row]:
     """Accuracy on the noise-free set (points on the centres)."""
     mod = batch.modulation.replace(noise_sigma=0.0)
     return rows_for(batch, "accuracy", batch.accuracy("clean", mod=mod), "clean")
 
 
 @register_assessment("standard")
-def standard(batch, noise: NoiseSource | None = None) -> list[Row]:
+def standard(batch: PatientBatch, noise: NoiseSource | None = None) -> list[Row]:
     """Accuracy on the standard set (training noise), no internal noise."""
     mod = batch.modulation.replace(noise_sigma=0.0)
     return rows_for(batch, "accuracy", batch.accuracy("standard", mod=mod), "standard")
 
 
 @register_assessment("combined")
-def combined(batch, noise: NoiseSource) -> list[Row]:
+def combined(batch: PatientBatch, noise: NoiseSource) -> list[Row]:
     """Combined stress: input noise plus internal noise on the standard set (fact 4)."""
     cfg = batch.protocol.assessment
     mod = batch.modulation.replace(noise_sigma=cfg.combined_internal_sigma)
@@ -86,7 +89,7 @@ def combined(batch, noise: NoiseSource) -> list[Row]:
     return rows_for(batch, "accuracy", acc, "combined")
 
 
-def _internal_noise(batch, noise: NoiseSource, sigmas: Sequence[float]) -> list[Row]:
+def _internal_noise(batch: PatientBatch, noise: NoiseSource, sigmas: Sequence[float]) -> list[Row]:
     rows = []
     for sigma in sigmas:
         mod = batch.modulation.replace(noise_sigma=float(sigma))
@@ -96,19 +99,19 @@ def _internal_noise(batch, noise: NoiseSource, sigmas: Sequence[float]) -> list[
 
 
 @register_assessment("resilience")
-def resilience(batch, noise: NoiseSource) -> list[Row]:
+def resilience(batch: PatientBatch, noise: NoiseSource) -> list[Row]:
     """The resilience curve: accuracy at each internal-noise level (Table 2; fact 4)."""
     return _internal_noise(batch, noise, batch.protocol.assessment.resilience_sigmas)
 
 
 @register_assessment("off_medication_noise")
-def off_medication_noise(batch, noise: NoiseSource) -> list[Row]:
+def off_medication_noise(batch: PatientBatch, noise: NoiseSource) -> list[Row]:
     """Accuracy at the off-medication noise levels (the paper: extreme, sigma 2.5; fact 12)."""
     return _internal_noise(batch, noise, batch.protocol.assessment.off_medication_sigmas)
 
 
 @register_assessment("biased")
-def biased(batch, noise: NoiseSource) -> list[Row]:
+def biased(batch: PatientBatch, noise: NoiseSource) -> list[Row]:
     """Accuracy under biased positive noise, the manic-switch proxy (fact 5)."""
     cfg = batch.protocol.assessment
     mod = batch.modulation.replace(noise_sigma=0.0)
@@ -117,18 +120,18 @@ def biased(batch, noise: NoiseSource) -> list[Row]:
 
 
 @register_assessment("gain")
-def gain(batch, noise: NoiseSource | None = None) -> list[Row]:
+def gain(batch: PatientBatch, noise: NoiseSource | None = None) -> list[Row]:
     """The nominal gain multiplier (Table 3)."""
     return rows_for(batch, "gain", [batch.modulation.gain] * len(batch))
 
 
 @register_assessment("activation_magnitude")
-def activation_magnitude(batch, noise: NoiseSource | None = None) -> list[Row]:
+def activation_magnitude(batch: PatientBatch, noise: NoiseSource | None = None) -> list[Row]:
     """Mean absolute hidden activation, the latent-excitability proxy (fact 6)."""
     return rows_for(batch, "activation_magnitude", batch.activation_magnitude())
 
 
-def assess(batch, names: Sequence[str], stream: str) -> list[Row]:
+def assess(batch: PatientBatch, names: Sequence[str], stream: str) -> list[Row]:
     """Run the named assessments in order, drawing all noise from one per-patient stream.
 
     Raises

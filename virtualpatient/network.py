@@ -39,12 +39,15 @@ import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 
 from virtualpatient import sparse, stabiliser
+
+if TYPE_CHECKING:
+    from virtualpatient.protocol import StabiliserConfig
 
 __all__ = [
     "BatchedAdam",
@@ -293,7 +296,7 @@ def forward(
     params: Params | _Net,
     x: torch.Tensor,
     mod: Modulation,
-    stab,
+    stab: StabiliserConfig,
     noise: NoiseSource | None = None,
     biased: BiasedNoise | None = None,
     magnitudes: list[torch.Tensor] | None = None,
@@ -334,7 +337,7 @@ def accuracy(
     x: torch.Tensor,
     y: torch.Tensor,
     mod: Modulation,
-    stab,
+    stab: StabiliserConfig,
     noise: NoiseSource | None = None,
     biased: BiasedNoise | None = None,
 ) -> torch.Tensor:
@@ -468,7 +471,7 @@ def gather_batch(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[t
     return xb, torch.gather(y, 1, idx)
 
 
-def batch_loss(params: Params, xb: torch.Tensor, yb: torch.Tensor, mod: Modulation, stab,
+def batch_loss(params: Params, xb: torch.Tensor, yb: torch.Tensor, mod: Modulation, stab: StabiliserConfig,
                noise: NoiseSource | None) -> torch.Tensor:
     """Per-patient mean cross-entropy, ``[P]`` (dense, autograd-visible math)."""
     if _needs_grad(params, xb):  # through forward (which then runs the dense math), as every step does
@@ -576,7 +579,8 @@ class _Net:
                     layer.weight.mul_(layer.mask)
 
     @torch.no_grad()
-    def logits_t(self, xt: torch.Tensor, mod: Modulation, stab, noise: NoiseSource | None) -> torch.Tensor:
+    def logits_t(self, xt: torch.Tensor, mod: Modulation, stab: StabiliserConfig,
+                 noise: NoiseSource | None) -> torch.Tensor:
         """Logits ``[P, C, B]`` of transposed inputs ``xt`` ``[P, in, B]``; keeps what :meth:`step`'s
         backward pass needs. Same operations, same order as the dense path (module docstring)."""
         p = mod.protection
@@ -602,7 +606,7 @@ class _Net:
         return self.layers[-1].forward(h)
 
     @torch.no_grad()
-    def step(self, xt: torch.Tensor, y: torch.Tensor, mod: Modulation, stab,
+    def step(self, xt: torch.Tensor, y: torch.Tensor, mod: Modulation, stab: StabiliserConfig,
              noise: NoiseSource | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Per-patient mean cross-entropy ``[P]`` of one mini-batch and the gradients of its sum with
         respect to :meth:`leaves` (in that order)."""
@@ -640,7 +644,7 @@ class _Net:
 
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
-    def forward_eval(self, x: torch.Tensor, mod: Modulation, stab, noise: NoiseSource | None,
+    def forward_eval(self, x: torch.Tensor, mod: Modulation, stab: StabiliserConfig, noise: NoiseSource | None,
                      biased: BiasedNoise | None, magnitudes: list[torch.Tensor] | None) -> torch.Tensor:
         """Logits ``[P, N, C]`` (no autograd; the same operations in the same order as the dense path)."""
         p = mod.protection
@@ -699,7 +703,7 @@ def train(
     lr: torch.Tensor | float,
     batch_size: int,
     schedule: Callable[[int], Modulation],
-    stab,
+    stab: StabiliserConfig,
     shuffle: Sequence[torch.Generator],
     noise: NoiseSource | None = None,
     snapshots: Sequence[int] = (),

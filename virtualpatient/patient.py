@@ -44,6 +44,14 @@ class PatientBatch:
         Stacked parameters; freshly initialised from each patient's ``init`` stream if omitted.
     modulation
         The current neuromodulatory state (gain, damping, activation, noise, protection).
+
+    Examples
+    --------
+    >>> from virtualpatient import PatientBatch, PatientSpec, Protocol
+    >>> protocol = Protocol()
+    >>> batch = PatientBatch([PatientSpec(i, protocol.seed) for i in range(3)], protocol)
+    >>> len(batch), tuple(batch.params.weights[1].shape)
+    (3, (3, 512, 512))
     """
 
     def __init__(self, specs: Sequence[PatientSpec], protocol, params: Params | None = None,

@@ -19,10 +19,14 @@ Examples
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from virtualpatient.network import Modulation, Params, batch_loss, epoch_batches, gather_batch
+
+if TYPE_CHECKING:
+    from virtualpatient.protocol import StabiliserConfig
 
 __all__ = [
     "gradient_scores",
@@ -98,7 +102,7 @@ def gradient_scores(
     n_batches: int,
     batch_size: int,
     mod: Modulation,
-    stab,
+    stab: StabiliserConfig,
     shuffle: Sequence[torch.Generator],
 ) -> list[torch.Tensor]:
     """Sum of ``|dLoss/dw|`` over the first ``n_batches`` shuffled mini-batches (no optimiser step).

@@ -17,10 +17,15 @@ Examples
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from virtualpatient.protocol import StabiliserConfig
+
 __all__ = ["biased_shift_scale", "decay", "effective_gain", "inhibitory_shift", "washout_schedule"]
 
 
-def effective_gain(gain: float, protection: float, cfg) -> float:
+def effective_gain(gain: float, protection: float, cfg: StabiliserConfig) -> float:
     """The gain the hidden layers see: ``gain`` capped by protection (``gain`` itself if p = 0)."""
     if protection <= 0:
         return gain
@@ -28,12 +33,12 @@ def effective_gain(gain: float, protection: float, cfg) -> float:
     return min(gain, max(floor, floor + (1.0 - protection) * (gain - floor)))
 
 
-def inhibitory_shift(protection: float, cfg) -> float:
+def inhibitory_shift(protection: float, cfg: StabiliserConfig) -> float:
     """The constant subtracted from every hidden unit: ``inhibition * p``."""
     return cfg.inhibition * protection if protection > 0 else 0.0
 
 
-def biased_shift_scale(protection: float, cfg) -> float:
+def biased_shift_scale(protection: float, cfg: StabiliserConfig) -> float:
     """The factor on the biased-noise shift: ``1 - noise_shift_factor * p``."""
     return 1.0 - cfg.noise_shift_factor * protection
 

@@ -56,7 +56,20 @@ treatment_dataclass = dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 
 
 def register(name: str) -> Callable[[type[Treatment]], type[Treatment]]:
-    """Class decorator: make a treatment available to study files under ``name``."""
+    """Class decorator: make a treatment available to study files under ``name``.
+
+    Examples
+    --------
+    >>> @register("gain_only_example")
+    ... @treatment_dataclass
+    ... class GainOnly(Treatment):
+    ...     gain: float = 1.6
+    ...     washout_decay: float = 0.015
+    ...     def apply(self, batch, arm, on_epoch=None):
+    ...         batch.modulation = batch.modulation.replace(gain=self.gain)
+    >>> build_treatment("my_arm", {"treatment": "gain_only_example", "gain": 1.3}).gain
+    1.3
+    """
 
     def deco(cls: type[Treatment]) -> type[Treatment]:
         if not (isinstance(cls, type) and issubclass(cls, Treatment)):
@@ -119,6 +132,12 @@ class KetamineLike(Treatment):
     is locked and ``epochs`` of Adam at ``lr`` follow (Methods; fact 8). ``score = "random"`` is the
     random-regrowth control. A patient's ``regrowth_fraction`` covariate overrides
     ``regrow_fraction`` (plasticity reserve).
+
+    Examples
+    --------
+    >>> control = KetamineLike(score="random")      # the random-regrowth control
+    >>> control.regrow_fraction, control.washout_decay
+    (0.5, 0.002)
     """
 
     gain: float = Field(1.25, gt=0)
@@ -160,6 +179,13 @@ class SSRILike(Treatment):
     noise ``noise_start + (noise_end - noise_start) t`` and gain ``gain_start + (gain_end -
     gain_start) t`` at Adam ``lr``; afterwards noise is off and the gain stays at ``gain_end``
     (Methods; fact 9). Sparsity is unchanged.
+
+    Examples
+    --------
+    >>> from virtualpatient.network import Modulation
+    >>> first, last = SSRILike().modulation_at(Modulation(), 0), SSRILike().modulation_at(Modulation(), 99)
+    >>> (first.noise_sigma, first.gain), (last.noise_sigma, round(last.gain, 2))
+    ((0.5, 1.0), (0.0, 1.6))
     """
 
     epochs: int = Field(100, ge=0)
@@ -193,6 +219,12 @@ class NeurosteroidLike(Treatment):
     Post-activation values are multiplied by ``damping``, ReLU becomes ``activation`` (tanh) and
     the gain is set to ``gain`` (effective ~0.59); ``epochs`` of Adam at ``lr`` consolidate with the
     mask kept (Methods; fact 10). State-dependent: the trial also tests it with the module off.
+
+    Examples
+    --------
+    >>> t = NeurosteroidLike()
+    >>> t.damping * t.gain, NeurosteroidLike.state_dependent
+    (0.595, True)
     """
 
     state_dependent: ClassVar[bool] = True
