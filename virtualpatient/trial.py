@@ -94,13 +94,14 @@ def run_baseline(protocol: Protocol, specs: Sequence[PatientSpec], tick: Tick = 
     ]
 
 
-def run_arm(protocol: Protocol, arm: str, pruned: PatientBatch, tick: Tick = None) -> dict[int, list[dict]]:
+def run_arm(protocol: Protocol, arm: str, pruned: PatientBatch, tick: Tick = None) -> list[dict[str, Any]]:
     """One arm for a batch of pruned patients: acute course, assessments, follow-up, relapse.
 
     Returns
     -------
-    dict
-        Patient index -> its rows; and, under the key ``"weights"``, the post-acute weights.
+    list of dict
+        Per patient, in batch order, ``{"rows": [...], "weights": [W0, W1, ...]}`` (the weight
+        matrices after the acute course, for the weight-distribution figures).
     """
     treatment = protocol.arms[arm]
     batch = pruned.clone()
@@ -112,9 +113,11 @@ def run_arm(protocol: Protocol, arm: str, pruned: PatientBatch, tick: Tick = Non
         rows += _tag(assess(batch.with_modulation(DISCONTINUED), OFF_MEDICATION, f"{arm}/off"), arm, "off_medication")
     before = [r["value"] for r in acute if r["metric"] == "accuracy" and r["condition"] == "combined"]
     rows += acute_relapse(batch, arm, before)
-    out: dict[Any, Any] = {s.index: [r for r in rows if r["patient"] == s.index] for s in batch.specs}
-    out["weights"] = [w.detach().cpu() for w in batch.params.weights]
-    return out
+    weights = [w.detach().cpu() for w in batch.params.weights]
+    return [
+        {"rows": [r for r in rows if r["patient"] == s.index], "weights": [w[i] for w in weights]}
+        for i, s in enumerate(batch.specs)
+    ]
 
 
 def longitudinal(batch: PatientBatch, arm: str, tick: Tick = None) -> list[dict]:
@@ -193,7 +196,7 @@ def _baseline_payloads(protocol_data: dict, spec_data: list[dict]) -> list[dict[
     return run_baseline(protocol, [PatientSpec.from_dict(s) for s in spec_data])
 
 
-def _arm_payloads(protocol_data: dict, arm: str, states: list[dict]) -> dict[int, list[dict]]:
+def _arm_payloads(protocol_data: dict, arm: str, states: list[dict]) -> list[dict[str, Any]]:
     """Process-safe entry point: the protocol as a dict and pruned state dicts in, rows and weights out."""
     protocol = Protocol.from_dict(protocol_data)
     pruned = PatientBatch.stack([PatientBatch.from_state_dict(s, protocol) for s in states])
@@ -306,12 +309,10 @@ class ClinicalTrial:
             store.save_weights("untreated", index, state["weights"])
             store.save_unit("baseline", index, payload)
 
-    def _save_arm(self, store: RunStore, arm: str, specs: list[PatientSpec], result: dict) -> None:
-        weights = result.pop("weights", None)
-        for pos, s in enumerate(specs):
-            if weights is not None:
-                store.save_weights(arm, s.index, [w[pos] for w in weights])
-            store.save_unit(arm, s.index, result[s.index])
+    def _save_arm(self, store: RunStore, arm: str, specs: list[PatientSpec], payloads: list[dict]) -> None:
+        for s, payload in zip(specs, payloads, strict=True):
+            store.save_weights(arm, s.index, payload["weights"])
+            store.save_unit(arm, s.index, payload["rows"])
 
     def _run_inline(self, store, todo_base, todo_arm, bar) -> None:
         for chunk in self._chunks(todo_base):
