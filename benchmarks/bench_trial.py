@@ -14,6 +14,9 @@ commits; the last line is exactly ``speedup <ratio>x``.
 
     python benchmarks/bench_trial.py              # about 2 minutes (the reference takes one)
     python benchmarks/bench_trial.py --no-scaling --patients 1
+    # each as it is meant to run on 2 cores: the plain loop with torch's default threads, the
+    # engine in two single-threaded worker processes
+    python benchmarks/bench_trial.py --patients 4 --reference-threads 2 --engine-workers 2 --no-scaling
 """
 
 from __future__ import annotations
@@ -84,15 +87,26 @@ def _run_reference(patients: int, threads: int, queue) -> None:
     queue.put({"rows": rows, "wall": wall, "patient_epochs": epochs * patients, "rss": _peak_rss_mib()})
 
 
-def _run_engine(patients: int, threads: int, queue) -> None:
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _run_engine(patients: int, threads: int, workers: int, queue) -> None:
     torch.set_num_threads(threads)
+    from concurrent.futures import ProcessPoolExecutor
+
     from virtualpatient import ClinicalTrial
 
     protocol = _protocol(patients)
-    trial = ClinicalTrial(protocol, progress=False)
+    executor = None
+    if workers > 1:  # single-threaded worker processes, each a share of the patients
+        executor = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread)
+    trial = ClinicalTrial(protocol, executor=executor, patients_per_unit=-(-patients // workers), progress=False)
     start = time.perf_counter()
     frame = trial.run(out=None)
     wall = time.perf_counter() - start
+    if executor is not None:
+        executor.shutdown()
     epochs = sum(trial.epochs_per_patient().values())
     queue.put({"rows": frame[[*KEY, "value"]].to_dict("records"), "wall": wall,
                "patient_epochs": epochs * patients, "rss": _peak_rss_mib()})
@@ -169,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=3, help="patients of the reduced protocol (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both (default 1)")
+    parser.add_argument("--reference-threads", type=int,
+                        help="torch threads of the reference only (default: --threads); e.g. 2, torch's default here")
+    parser.add_argument("--engine-workers", type=int, default=1,
+                        help="run the engine's units in N single-threaded processes (default 1: in-process)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the P = 1/10/50 scaling line")
     parser.add_argument("--scaling-patients", default="1,10,50")
     args = parser.parse_args(argv)
@@ -177,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
 
     protocol = _protocol(args.patients)
     cfg = protocol.longitudinal
+    ref_threads = args.reference_threads or args.threads
     print(f"bench_trial   python {platform.python_version()}  torch {torch.__version__}  threads {args.threads}  "
+          f"reference_threads {ref_threads}  engine_workers {args.engine_workers}  "
           f"cpus {os.cpu_count()}  sparse {sparse.backend('cpu')}  onednn {sparse.onednn_available()}")
     print(f"protocol      patients {args.patients}  layers {'-'.join(map(str, protocol.network.layer_sizes))}  "
           f"n_train {protocol.task.n_train}  n_standard {protocol.task.n_standard}  batch "
@@ -185,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
           f"arms {'/'.join(f'{a}:{t.training_epochs()}' for a, t in protocol.arms.items())}  "
           f"durations {','.join(map(str, cfg.durations))}  washout_steps {cfg.washout_steps}")
 
-    ref = _in_process(_run_reference, args.patients, args.threads)
-    eng = _in_process(_run_engine, args.patients, args.threads)
+    ref = _in_process(_run_reference, args.patients, ref_threads)
+    eng = _in_process(_run_engine, args.patients, args.threads, args.engine_workers)
     for name, r in (("reference", ref), ("engine", eng)):
         print(f"{name:13s} wall {r['wall']:8.2f} s  patient-epochs {r['patient_epochs']:6d}  "
               f"patient-epochs/s {r['patient_epochs'] / r['wall']:8.2f}  peak_rss {r['rss']:7.0f} MiB")
