@@ -27,6 +27,18 @@ class ResultsBase:
         return f"<{type(self).__name__}: call .summary() or .summary_frame()>"
 
 
+class FrameResults(ResultsBase):
+    """A results object holding one table of statistics at one confidence level."""
+
+    def __init__(self, frame: pd.DataFrame, confidence: float) -> None:
+        self.frame = frame
+        self.confidence = confidence
+
+    def summary_frame(self) -> pd.DataFrame:
+        """The statistics as a DataFrame (a copy)."""
+        return self.frame.copy()
+
+
 def fmt_p(p: float) -> str:
     """A p-value as printed in papers: ``<0.001`` below 0.001, 3 decimals otherwise."""
     if p is None or (isinstance(p, float) and math.isnan(p)):

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from analysis._data import arm_order, check_results
-from analysis._results import ResultsBase, fmt_num, frame_to_text
+from analysis._results import FrameResults, fmt_num, frame_to_text
 
 __all__ = [
     "Description",
@@ -110,7 +110,7 @@ def bootstrap_ci(
     return float("nan"), float("nan")
 
 
-class Description(ResultsBase):
+class Description(FrameResults):
     """Per-cell descriptive statistics across patients (from :func:`describe`).
 
     Attributes
@@ -123,14 +123,6 @@ class Description(ResultsBase):
     confidence : float
         Confidence level of the intervals.
     """
-
-    def __init__(self, frame: pd.DataFrame, confidence: float) -> None:
-        self.frame = frame
-        self.confidence = confidence
-
-    def summary_frame(self) -> pd.DataFrame:
-        """The per-cell statistics as a DataFrame (a copy)."""
-        return self.frame.copy()
 
     def summary(self) -> str:
         """Paper-style text: mean ± SD (n) with t and bootstrap intervals per cell."""
@@ -290,7 +282,7 @@ def describe(
     return Description(frame, confidence)
 
 
-class RelapseProbability(ResultsBase):
+class RelapseProbability(FrameResults):
     """Relapse probabilities with Wilson intervals (from :func:`relapse_probability`).
 
     Attributes
@@ -306,13 +298,8 @@ class RelapseProbability(ResultsBase):
     """
 
     def __init__(self, frame: pd.DataFrame, confidence: float, by_duration: bool) -> None:
-        self.frame = frame
-        self.confidence = confidence
+        super().__init__(frame, confidence)
         self.by_duration = by_duration
-
-    def summary_frame(self) -> pd.DataFrame:
-        """The probabilities as a DataFrame (a copy)."""
-        return self.frame.copy()
 
     def summary(self) -> str:
         """Paper-style text table of relapse probabilities and Wilson intervals."""
