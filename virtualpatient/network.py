@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F
 
-from virtualpatient import sparse, stabiliser
+from virtualpatient import reduction, sparse, stabiliser
 
 if TYPE_CHECKING:
     from virtualpatient.protocol import StabiliserConfig
@@ -241,12 +241,20 @@ class EngineConfig:
         cost is lower.
     sparse_backend
         ``None`` (default: :func:`virtualpatient.sparse.backend`), ``"native"``, ``"torch"`` or ``"off"``.
+    reduce_units
+        Train the live units only when a :func:`train` call has no internal noise: constant units
+        (no incoming weight) folded into the next layer's biases, dead ones (no path to the
+        output) left out (:mod:`virtualpatient.reduction`).
+    reduce_max_work
+        ... but only when the live blocks keep at most this share of the per-sample products.
     """
 
     sparse_max_density: float = 0.25
     sparse_min_weights: int = 0
     onednn_min_weights: int = 16_384
     sparse_backend: str | None = None
+    reduce_units: bool = True
+    reduce_max_work: float = 0.9
 
 
 ENGINE = EngineConfig()
@@ -520,11 +528,22 @@ class _Layer:
     def onednn(self) -> bool:
         return self.weight[0].numel() >= ENGINE.onednn_min_weights
 
-    def forward(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``W h + b`` for transposed activations ``h`` ``[P, in, n]`` -> ``[P, out, n]`` (no autograd)."""
+    def forward(self, h: torch.Tensor, out: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``W h + b`` for transposed activations ``h`` ``[P, in, n]`` -> ``[P, out, n]`` (no autograd);
+        ``bias`` replaces the layer's own for this product."""
+        bias = self.bias if bias is None else bias
         if self.compressed:
-            return sparse.sparse_forward(self.pattern, self.values, self.bias, h, out, self.kind)
-        return sparse.dense_forward(self.weight, self.bias, h, out, onednn=self.onednn)
+            return sparse.sparse_forward(self.pattern, self.values, bias, h, out, self.kind)
+        return sparse.dense_forward(self.weight, bias, h, out, onednn=self.onednn)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The layer's weights as a dense ``[P, out, in]`` tensor (the weight itself when dense)."""
+        if not self.compressed:
+            return self.weight
+        pattern = self.pattern
+        shape = (pattern.n_patients, pattern.n_out, pattern.n_in)
+        return pattern.scatter(self.values, self.values.new_zeros(shape))
 
     def backward(self, gz: torch.Tensor, h: torch.Tensor, need_input: bool,
                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -556,21 +575,57 @@ class _Net:
     weights as new tensors, written back by :meth:`write_back`. Training steps are backpropagated
     by hand (:meth:`step`): the same products and elementwise derivatives autograd would form,
     in place in reused buffers, without building a graph per mini-batch.
+
+    With ``reduce`` (noise-free training only) the layers hold the live blocks of a
+    :class:`~virtualpatient.reduction.Reduction` instead, and each layer may take the constant
+    units of its input level through ``inputs[i]`` (folded into its bias every step), whose biases
+    are ``const_biases[i - 1]``; all of it is written back by :meth:`write_back`.
     """
 
-    def __init__(self, params: Params) -> None:
+    def __init__(self, params: Params, reduce: bool = False) -> None:
         device = params.weights[0].device
         kind = ENGINE.sparse_backend or sparse.backend(device)
         self.kind = kind
-        self.layers = [_Layer(w, b, m, kind) for w, b, m in zip(params.weights, params.biases, params.masks)]
         self.signature = _signature(params, kind)
         self._saved: tuple | None = None
+        self.reduction = _reduction(params) if reduce else None
+        n_layers = len(params.weights)
+        self.inputs: list[reduction.ConstantInputs | None] = [None] * n_layers
+        self.const_biases: list[torch.Tensor | None] = [None] * (n_layers - 1)
+        r = self.reduction
+        if r is None:
+            self.layers = [_Layer(w, b, m, kind) for w, b, m in zip(params.weights, params.biases, params.masks)]
+            return
+        self.layers = []
+        for i, (w, b) in enumerate(zip(params.weights, params.biases)):
+            block, mask = r.block(i, w)
+            self.layers.append(_Layer(block, r.unit_values(i + 1, b), mask, kind))
+            self.inputs[i] = r.constant_inputs(i, w)
+            if i > 0 and self.inputs[i] is not None:
+                self.const_biases[i - 1] = r.unit_values(i, params.biases[i - 1], "constant")
 
     # -- training ----------------------------------------------------------------------------
     def leaves(self) -> tuple[list[torch.Tensor], list[list[int] | None]]:
+        """What the optimiser updates, with each tensor's patient segments (``None``: leading axis)."""
         leaves = [layer.leaf() for layer in self.layers] + [layer.bias for layer in self.layers]
         segments = [layer.segments() for layer in self.layers] + [None] * len(self.layers)
-        return leaves, segments
+        for inp in self.inputs:
+            if inp is not None:
+                leaves.append(inp.values)
+                segments.append(inp.offsets)
+        extra = [c for c in self.const_biases if c is not None]
+        return leaves + extra, segments + [None] * len(extra)
+
+    def _constants(self, activation: str, scale: float, shift: float) -> list[tuple | None]:
+        """Per hidden level, the constant units' activations ``[P, K, 1]`` and derivatives (or ``None``)."""
+        return [None if b is None else sparse.post_activation(b.detach().clone().unsqueeze(2), activation, scale,
+                                                              shift, kind=self.kind)
+                for b in self.const_biases]
+
+    def _bias(self, i: int, consts: list[tuple | None]) -> torch.Tensor | None:
+        """Layer ``i``'s bias for this step: its own, plus what constant inputs add (``None``: own only)."""
+        inp = self.inputs[i]
+        return None if inp is None else inp.bias(self.layers[i].bias, consts[i - 1][0])
 
     def apply_masks(self) -> None:
         with torch.no_grad():
@@ -590,9 +645,12 @@ class _Net:
         inputs, derivs = [xt], []
         h = xt
         relu = mod.activation == "relu"
+        if self.reduction is not None and mod.noise_sigma > 0:
+            raise ValueError("a reduced network trains without internal noise only")
+        consts = self._constants(mod.activation, scale, shift)
         for i, layer in enumerate(self.layers[:-1]):
             units = layer.bias.shape[1]
-            z = layer.forward(h, _buffer(f"train/a{i}", (n_patients, units, n), xt))
+            z = layer.forward(h, _buffer(f"train/a{i}", (n_patients, units, n), xt), self._bias(i, consts))
             d = _buffer(f"train/d{i}", z.shape, z, torch.bool if relu else None)
             if mod.noise_sigma > 0:  # act, noise (drawn [P, B, units] as the dense path), * scale, - shift
                 h, d = sparse.post_activation(z, mod.activation, 1.0, 0.0, deriv=d, kind=self.kind)
@@ -602,8 +660,8 @@ class _Net:
                 h, d = sparse.post_activation(z, mod.activation, scale, shift, deriv=d, kind=self.kind)
             derivs.append(d)
             inputs.append(h)
-        self._saved = (inputs, derivs, scale)
-        return self.layers[-1].forward(h)
+        self._saved = (inputs, derivs, scale, consts)
+        return self.layers[-1].forward(h, bias=self._bias(len(self.layers) - 1, consts))
 
     @torch.no_grad()
     def step(self, xt: torch.Tensor, y: torch.Tensor, mod: Modulation, stab: StabiliserConfig,
@@ -611,7 +669,7 @@ class _Net:
         """Per-patient mean cross-entropy ``[P]`` of one mini-batch and the gradients of its sum with
         respect to :meth:`leaves` (in that order)."""
         logits = forward(self, xt, mod, stab, noise=noise)  # -> logits_t, via the public entry point
-        inputs, derivs, scale = self._saved
+        inputs, derivs, scale, consts = self._saved
         self._saved = None
         logp = torch.log_softmax(logits, 1)
         target = y.unsqueeze(1)
@@ -622,19 +680,39 @@ class _Net:
         n_layers = len(self.layers)
         g_leaf: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
         g_bias: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
+        g_inputs: list[torch.Tensor] = []
+        g_consts: list[torch.Tensor] = []
         for i in range(n_layers - 1, -1, -1):
             h = inputs[i]
             out = _buffer(f"train/g{i}", h.shape, h) if i > 0 else None
             g_leaf[i], g_bias[i], gh = self.layers[i].backward(g, h, i > 0, out)
+            if self.inputs[i] is not None:  # the constant units below, through their folded-in share
+                const, deriv = consts[i - 1]
+                g_values, g_const = self.inputs[i].backward(g_bias[i], const)
+                g_inputs.insert(0, g_values)
+                g_consts.insert(0, sparse.pre_activation_grad(g_const, deriv, scale, kind=self.kind).squeeze(2))
             if i > 0:  # through h = (act(z) [+ noise]) * scale [- shift]
                 g = sparse.pre_activation_grad(gh, derivs[i - 1], scale, kind=self.kind)
-        return loss, g_leaf + g_bias
+        return loss, g_leaf + g_bias + g_inputs + g_consts
 
+    @torch.no_grad()
     def write_back(self, params: Params) -> None:
-        """Copy compressed values into ``params``' dense weights (masked entries exactly 0)."""
-        for layer, w in zip(self.layers, params.weights):
-            if layer.compressed:
-                layer.pattern.scatter(layer.values, w)
+        """Copy what this copy holds apart from ``params`` into it: compressed values into the dense
+        weights (masked entries exactly 0); with a reduction, every live block, constant input and bias."""
+        r = self.reduction
+        if r is None:
+            for layer, w in zip(self.layers, params.weights):
+                if layer.compressed:
+                    layer.pattern.scatter(layer.values, w)
+            return
+        for i, (layer, w, b) in enumerate(zip(self.layers, params.weights, params.biases)):
+            r.write_block(i, layer.dense_weight(), w)
+            r.write_units(i + 1, layer.bias, b)
+            if self.inputs[i] is not None:
+                w.view(-1).index_copy_(0, self.inputs[i].positions, self.inputs[i].values.to(w.dtype))
+        for level, const in enumerate(self.const_biases, start=1):
+            if const is not None:
+                r.write_units(level, const, params.biases[level - 1], "constant")
 
     def export(self, params: Params) -> Params:
         """A copy of ``params`` holding the current values."""
@@ -674,6 +752,16 @@ class _Net:
                 sparse.add_noise_t(h, draw, sigma, lift if last else 0.0, scale if last else 1.0,
                                    shift if last else 0.0, kind=self.kind)
         return self.layers[-1].forward(h).transpose(1, 2)
+
+
+def _reduction(params: Params) -> reduction.Reduction | None:
+    """The reduction of ``params`` when it pays (:attr:`EngineConfig.reduce_max_work`), else ``None``."""
+    if len(params.weights) < 2:
+        return None
+    r = reduction.Reduction(params.masks)
+    if min(index.shape[1] for index, _ in r.live) == 0 or r.work_fraction() > ENGINE.reduce_max_work:
+        return None
+    return r
 
 
 def _signature(params: Params, kind: str) -> tuple:
@@ -740,7 +828,9 @@ def train(
     out: dict[int, Params] = {}
     if 0 in snapshots:
         out[0] = params.clone()
-    net = _Net(params)
+    # Constant units stay constant only without internal noise (drawn per unit and sample).
+    reduce = ENGINE.reduce_units and all(schedule(e).noise_sigma == 0 for e in range(epochs))
+    net = _Net(params, reduce=reduce)
     leaves, segments = net.leaves()
     opt = BatchedAdam(leaves, lr, segments=segments)
     xt = x.transpose(1, 2).contiguous()  # [P, in, N]: one gather per step gives the transposed batch
