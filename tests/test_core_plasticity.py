@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from virtualpatient import PatientBatch, PatientSpec, Protocol
 from virtualpatient.network import Params
-from virtualpatient.plasticity import gradient_scores, prune_global, prune_per_layer, random_scores, regrow
+from virtualpatient.plasticity import gradient_scores, prune_global, prune_per_layer, quantile, random_scores, regrow
 from virtualpatient.treatments import KetamineLike
 
 #: The paper's architecture with a tiny schedule: untrained (0 epochs), 4,000 training points so the
@@ -113,6 +113,24 @@ def test_threshold_not_rounded_below_percentile_pooled():
     params = Params([w.clone()], [torch.zeros(1, 3)])
     prune_global(params, [0.95], layers=[0])
     np.testing.assert_array_equal(params.masks[0][0].numpy() == 1, keep)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_selection_quantile_equals_torch_quantile_bit_for_bit(seed):
+    """The pruning threshold (two order statistics, lerp) is torch.quantile's, bit for bit, on
+    sizes, ranks and ties of every kind (whole-number values, half the entries zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    for case in range(300):
+        n = int(torch.randint(1, 2000, (1,), generator=gen))
+        x = torch.rand(n, generator=gen, dtype=torch.float64)
+        if case % 3 == 0:
+            x = (x * 5).floor()
+        if case % 5 == 0:
+            x[: n // 2] = 0.0
+        q = (0.95, 0.0, 0.5, float(torch.rand(1, generator=gen)))[case % 4]
+        assert torch.equal(quantile(x, q), torch.quantile(x, q)), (n, q)
+    with pytest.raises(ValueError, match="1-D"):
+        quantile(torch.zeros(2, 2), 0.5)
 
 
 def test_prune_fraction_covariate_sets_each_patients_depth(make_protocol, make_patients):

@@ -497,7 +497,7 @@ class _Layer:
 
     __slots__ = ("weight", "bias", "mask", "pattern", "values", "kind")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, kind: str) -> None:
+    def __init__(self, weight: torch.Tensor, mask: torch.Tensor, kind: str, bias: torch.Tensor) -> None:
         self.weight, self.bias, self.kind = weight, bias, kind
         self.pattern: sparse.Pattern | None = None
         self.values: torch.Tensor | None = None
@@ -537,14 +537,6 @@ class _Layer:
             return sparse.sparse_forward(self.pattern, self.values, bias, h, out, self.kind)
         return sparse.dense_forward(self.weight, bias, h, out, onednn=self.onednn)
 
-    def dense_weight(self) -> torch.Tensor:
-        """The layer's weights as a dense ``[P, out, in]`` tensor (the weight itself when dense)."""
-        if not self.compressed:
-            return self.weight
-        pattern = self.pattern
-        shape = (pattern.n_patients, pattern.n_out, pattern.n_in)
-        return pattern.scatter(self.values, self.values.new_zeros(shape))
-
     def backward(self, gz: torch.Tensor, h: torch.Tensor, need_input: bool,
                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(d leaf, d bias, d h)`` from ``gz = dL/dz`` and the layer's input ``h``."""
@@ -576,10 +568,11 @@ class _Net:
     by hand (:meth:`step`): the same products and elementwise derivatives autograd would form,
     in place in reused buffers, without building a graph per mini-batch.
 
-    With ``reduce`` (noise-free training only) the layers hold the live blocks of a
-    :class:`~virtualpatient.reduction.Reduction` instead, and each layer may take the constant
-    units of its input level through ``inputs[i]`` (folded into its bias every step), whose biases
-    are ``const_biases[i - 1]``; all of it is written back by :meth:`write_back`.
+    With ``reduce`` (noise-free training on the CPU) the layers hold the live blocks of a
+    :class:`~virtualpatient.reduction.Reduction` instead; ``inputs[i]``, when not ``None``, is a
+    layer from the constant units of layer ``i``'s input level (biases ``const_biases[i]``), whose
+    product with their activations is added to layer ``i``'s bias every step. All of it is written
+    back by :meth:`write_back`.
     """
 
     def __init__(self, params: Params, reduce: bool = False) -> None:
@@ -590,19 +583,18 @@ class _Net:
         self._saved: tuple | None = None
         self.reduction = _reduction(params) if reduce else None
         n_layers = len(params.weights)
-        self.inputs: list[reduction.ConstantInputs | None] = [None] * n_layers
-        self.const_biases: list[torch.Tensor | None] = [None] * (n_layers - 1)
+        self.inputs: list[_Layer | None] = [None] * n_layers
+        self.const_biases: list[torch.Tensor | None] = [None] * n_layers
         r = self.reduction
         if r is None:
-            self.layers = [_Layer(w, b, m, kind) for w, b, m in zip(params.weights, params.biases, params.masks)]
+            self.layers = [_Layer(w, m, kind, b) for w, b, m in zip(params.weights, params.biases, params.masks)]
             return
         self.layers = []
         for i, (w, b) in enumerate(zip(params.weights, params.biases)):
-            block, mask = r.block(i, w)
-            self.layers.append(_Layer(block, r.unit_values(i + 1, b), mask, kind))
-            self.inputs[i] = r.constant_inputs(i, w)
-            if i > 0 and self.inputs[i] is not None:
-                self.const_biases[i - 1] = r.unit_values(i, params.biases[i - 1], "constant")
+            self.layers.append(_Layer(*r.block(i, w), kind=kind, bias=r.unit_values(i + 1, b)))
+            if r.has_constant_inputs(i):
+                self.inputs[i] = _Layer(*r.block(i, w, "constant"), kind=kind, bias=self.layers[i].bias)
+                self.const_biases[i] = r.unit_values(i, params.biases[i - 1], "constant")
 
     # -- training ----------------------------------------------------------------------------
     def leaves(self) -> tuple[list[torch.Tensor], list[list[int] | None]]:
@@ -611,25 +603,26 @@ class _Net:
         segments = [layer.segments() for layer in self.layers] + [None] * len(self.layers)
         for inp in self.inputs:
             if inp is not None:
-                leaves.append(inp.values)
-                segments.append(inp.offsets)
+                leaves.append(inp.leaf())
+                segments.append(inp.segments())
         extra = [c for c in self.const_biases if c is not None]
         return leaves + extra, segments + [None] * len(extra)
 
     def _constants(self, activation: str, scale: float, shift: float) -> list[tuple | None]:
-        """Per hidden level, the constant units' activations ``[P, K, 1]`` and derivatives (or ``None``)."""
+        """Per layer, the activations ``[P, K, 1]`` of its input level's constant units and their
+        derivatives (or ``None``)."""
         return [None if b is None else sparse.post_activation(b.detach().clone().unsqueeze(2), activation, scale,
                                                               shift, kind=self.kind)
                 for b in self.const_biases]
 
     def _bias(self, i: int, consts: list[tuple | None]) -> torch.Tensor | None:
-        """Layer ``i``'s bias for this step: its own, plus what constant inputs add (``None``: own only)."""
+        """Layer ``i``'s bias for this step: its own plus its constant inputs' share (``None``: its own)."""
         inp = self.inputs[i]
-        return None if inp is None else inp.bias(self.layers[i].bias, consts[i - 1][0])
+        return None if inp is None else inp.forward(consts[i][0]).squeeze(2)
 
     def apply_masks(self) -> None:
         with torch.no_grad():
-            for layer in self.layers:
+            for layer in self.layers + [inp for inp in self.inputs if inp is not None]:
                 if layer.mask is not None:
                     layer.weight.mul_(layer.mask)
 
@@ -687,8 +680,8 @@ class _Net:
             out = _buffer(f"train/g{i}", h.shape, h) if i > 0 else None
             g_leaf[i], g_bias[i], gh = self.layers[i].backward(g, h, i > 0, out)
             if self.inputs[i] is not None:  # the constant units below, through their folded-in share
-                const, deriv = consts[i - 1]
-                g_values, g_const = self.inputs[i].backward(g_bias[i], const)
+                const, deriv = consts[i]
+                g_values, _, g_const = self.inputs[i].backward(g_bias[i].unsqueeze(2), const, True)
                 g_inputs.insert(0, g_values)
                 g_consts.insert(0, sparse.pre_activation_grad(g_const, deriv, scale, kind=self.kind).squeeze(2))
             if i > 0:  # through h = (act(z) [+ noise]) * scale [- shift]
@@ -706,13 +699,14 @@ class _Net:
                     layer.pattern.scatter(layer.values, w)
             return
         for i, (layer, w, b) in enumerate(zip(self.layers, params.weights, params.biases)):
-            r.write_block(i, layer.dense_weight(), w)
             r.write_units(i + 1, layer.bias, b)
+            for inputs, part in (("live", layer), ("constant", self.inputs[i])):
+                if part is not None and part.compressed:  # only the unmasked entries: the rest are 0 in w
+                    r.write_block(i, part.values, w, inputs, entries=part.pattern.flat)
+                elif part is not None:
+                    r.write_block(i, part.weight, w, inputs)
             if self.inputs[i] is not None:
-                w.view(-1).index_copy_(0, self.inputs[i].positions, self.inputs[i].values.to(w.dtype))
-        for level, const in enumerate(self.const_biases, start=1):
-            if const is not None:
-                r.write_units(level, const, params.biases[level - 1], "constant")
+                r.write_units(i, self.const_biases[i], params.biases[i - 1], "constant")
 
     def export(self, params: Params) -> Params:
         """A copy of ``params`` holding the current values."""
@@ -828,8 +822,10 @@ def train(
     out: dict[int, Params] = {}
     if 0 in snapshots:
         out[0] = params.clone()
-    # Constant units stay constant only without internal noise (drawn per unit and sample).
-    reduce = ENGINE.reduce_units and all(schedule(e).noise_sigma == 0 for e in range(epochs))
+    # Constant units stay constant only without internal noise (drawn per unit and sample); the
+    # reduction saves CPU work, a GPU runs the full network.
+    reduce = (ENGINE.reduce_units and x.device.type == "cpu"
+              and all(schedule(e).noise_sigma == 0 for e in range(epochs)))
     net = _Net(params, reduce=reduce)
     leaves, segments = net.leaves()
     opt = BatchedAdam(leaves, lr, segments=segments)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ConstantInputs", "Reduction", "UnitRoles", "unit_roles"]
+__all__ = ["Reduction", "UnitRoles", "unit_roles"]
 
 
 @dataclass(frozen=True)
@@ -88,53 +88,24 @@ def _padded_index(select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order.masked_fill(~valid, 0), valid
 
 
-@dataclass
-class ConstantInputs:
-    """The unmasked weights from one level's constant units into the next level's live units.
-
-    A flat list (patient by patient, like compressed layer values): ``values[k]`` connects
-    constant unit ``col[k]`` (an index into the flattened ``[P, K]`` constants) to live unit
-    ``row[k]`` (into the flattened ``[P, R]`` live units); ``offsets`` are the patients' bounds.
-    """
-
-    values: torch.Tensor
-    row: torch.Tensor
-    col: torch.Tensor
-    offsets: list[int]
-    positions: torch.Tensor  # where each value sits in the flattened full weight tensor
-
-    def bias(self, bias: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
-        """The live units' effective bias ``bias + W_c const`` (a new tensor, shaped like ``bias``)."""
-        out = bias.detach().clone()
-        out.view(-1).index_add_(0, self.row, self.values * const.reshape(-1).index_select(0, self.col))
-        return out
-
-    def backward(self, gbias: torch.Tensor, const: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(d values, d const)`` from the gradient of the effective bias (summed over samples)."""
-        g = gbias.reshape(-1).index_select(0, self.row)
-        gvalues = g * const.reshape(-1).index_select(0, self.col)
-        gconst = torch.zeros(const.numel(), dtype=const.dtype, device=const.device)
-        gconst.index_add_(0, self.col, g.mul_(self.values))
-        return gvalues, gconst.view(const.shape)
-
-
 class Reduction:
     """The live blocks of masked networks and the index maps back to the full tensors.
 
     Level 0 is the input, level ``L`` the output (all units live there), levels in between the
     hidden layers. Layer ``l`` maps level ``l`` to level ``l + 1``; its reduced form is
 
-    * ``weight`` ``[P, R_out, R_in]``: live outputs x live inputs (dense, with ``mask``; padding
-      rows and columns masked),
-    * ``bias`` ``[P, R_out]``: the live outputs' biases,
-    * ``inputs``: a :class:`ConstantInputs` from the constant units of level ``l`` (or ``None``),
+    * the live block ``[P, R_out, R_in]``: weights from live units to live units,
+    * the constant block ``[P, R_out, K_in]``: weights from the constant units of level ``l``
+      into live units (for layers ``l >= 1`` whose input level has constant units),
+    * the live units' biases ``[P, R_out]``,
 
-    and each hidden level keeps its constant units' biases ``[P, K]`` (:meth:`constant_biases`).
+    and each hidden level keeps its constant units' biases ``[P, K]``. Every block is padded to
+    the patient with the most units; padding rows and columns are masked (mask 0, value 0).
 
     Parameters
     ----------
-    weights, biases, masks
-        The full networks (``[P, out, in]``, ``[P, out]``, as in ``Params``).
+    masks
+        The networks' masks, ``[P, out, in]`` per layer (as in ``Params``).
     roles
         Their :class:`UnitRoles` (computed from ``masks`` when not given).
     """
@@ -143,11 +114,12 @@ class Reduction:
         self.roles = roles if roles is not None else unit_roles(masks)
         self.shapes = [tuple(m.shape) for m in masks]
         n_patients, device = masks[0].shape[0], masks[0].device
-        ones = [torch.ones(n_patients, masks[0].shape[2], dtype=torch.bool, device=device)]
-        top = [torch.ones(n_patients, masks[-1].shape[1], dtype=torch.bool, device=device)]
-        self.live = [_padded_index(s) for s in ones + self.roles.live + top]
-        self.const = [_padded_index(s) for s in self.roles.constant]
+        inputs = torch.ones(n_patients, masks[0].shape[2], dtype=torch.bool, device=device)
+        outputs = torch.ones(n_patients, masks[-1].shape[1], dtype=torch.bool, device=device)
+        self.live = [_padded_index(s) for s in [inputs, *self.roles.live, outputs]]
+        self.const = [(inputs[:, :0].long(), inputs[:, :0])] + [_padded_index(s) for s in self.roles.constant]
         self._masks = list(masks)
+        self._positions: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def n_layers(self) -> int:
@@ -159,52 +131,54 @@ class Reduction:
         kept = sum(self.live[i + 1][0].shape[1] * self.live[i][0].shape[1] for i in range(self.n_layers))
         return kept / full
 
-    def _block(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat positions in the full weight of the live block ``[P, R_out, R_in]`` and their validity."""
-        p, n_out, n_in = self.shapes[layer]
-        (rows, row_ok), (cols, col_ok) = self.live[layer + 1], self.live[layer]
-        base = torch.arange(p, device=rows.device).view(-1, 1, 1) * (n_out * n_in)
-        pos = base + rows.unsqueeze(2) * n_in + cols.unsqueeze(1)
-        return pos, row_ok.unsqueeze(2) & col_ok.unsqueeze(1)
+    def has_constant_inputs(self, layer: int) -> bool:
+        """Whether any patient has constant units in ``layer``'s input level."""
+        return self.const[layer][0].shape[1] > 0
 
-    def block(self, layer: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The live block of ``weight`` and its mask (copies; padding entries 0)."""
-        pos, ok = self._block(layer)
+    def _block(self, layer: int, inputs: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a block ``[P, R_out, R_in or K_in]``: the flat position in the full weight of each of
+        its entries, their validity, and the flat indices of the valid ones."""
+        key = (layer, inputs)
+        if key not in self._positions:
+            p, n_out, n_in = self.shapes[layer]
+            rows, row_ok = self.live[layer + 1]
+            cols, col_ok = self.live[layer] if inputs == "live" else self.const[layer]
+            base = torch.arange(p, device=rows.device).view(-1, 1, 1) * (n_out * n_in)
+            pos = base + rows.unsqueeze(2) * n_in + cols.unsqueeze(1)
+            ok = row_ok.unsqueeze(2) & col_ok.unsqueeze(1)
+            self._positions[key] = (pos, ok, ok.reshape(-1).nonzero().flatten())
+        return self._positions[key]
+
+    def block(self, layer: int, weight: torch.Tensor, inputs: str = "live") -> tuple[torch.Tensor, torch.Tensor]:
+        """The block of ``weight`` from the ``inputs`` (``"live"`` or ``"constant"``) units of its
+        input level into the live units of its output level, and its mask (copies; padding 0)."""
+        pos, ok, _ = self._block(layer, inputs)
         mask = self._masks[layer].reshape(-1)[pos] * ok
         return weight.detach().reshape(-1)[pos] * mask, mask
 
-    def write_block(self, layer: int, block: torch.Tensor, weight: torch.Tensor) -> None:
-        """Copy the valid entries of a live block back into the full ``weight`` (in place)."""
-        pos, ok = self._block(layer)
-        weight.view(-1).index_copy_(0, pos[ok], block.detach().reshape(-1)[ok.reshape(-1)].to(weight.dtype))
+    def write_block(self, layer: int, block: torch.Tensor, weight: torch.Tensor, inputs: str = "live",
+                    entries: torch.Tensor | None = None) -> None:
+        """Copy a block back into the full ``weight`` (in place): its valid entries, or with
+        ``entries`` (flat indices into the block) ``block`` holds just those entries' values."""
+        pos, _, valid = self._block(layer, inputs)
+        if entries is None:
+            weight.view(-1).index_copy_(0, pos.reshape(-1)[valid], block.detach().reshape(-1)[valid].to(weight.dtype))
+        else:
+            weight.view(-1).index_copy_(0, pos.reshape(-1)[entries], block.detach().to(weight.dtype))
 
     def _units(self, level: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        index, ok = self.live[level] if kind == "live" else self.const[level - 1]
+        index, ok = self.live[level] if kind == "live" else self.const[level]
         width = self.shapes[level - 1][1]
         pos = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * width + index
         return pos, ok
 
     def unit_values(self, level: int, bias: torch.Tensor, kind: str = "live") -> torch.Tensor:
-        """The biases ``[P, R]`` (``kind="live"``) or ``[P, K]`` (``"constant"``) of a level's units."""
+        """The biases ``[P, R]`` (``kind="live"``) or ``[P, K]`` (``"constant"``) of a level's units;
+        ``bias`` is the full bias of the layer that computes the level."""
         pos, ok = self._units(level, kind)
         return bias.detach().reshape(-1)[pos] * ok
 
     def write_units(self, level: int, values: torch.Tensor, bias: torch.Tensor, kind: str = "live") -> None:
+        """Copy the valid entries of :meth:`unit_values`-shaped ``values`` back into ``bias`` (in place)."""
         pos, ok = self._units(level, kind)
         bias.view(-1).index_copy_(0, pos[ok], values.detach()[ok].to(bias.dtype))
-
-    def constant_inputs(self, layer: int, weight: torch.Tensor) -> ConstantInputs | None:
-        """The unmasked weights of ``layer`` from level ``layer``'s constant units into live ones."""
-        if layer == 0 or self.const[layer - 1][0].shape[1] == 0:
-            return None
-        p, n_out, n_in = self.shapes[layer]
-        (rows, row_ok), (cols, col_ok) = self.live[layer + 1], self.const[layer - 1]
-        base = torch.arange(p, device=rows.device).view(-1, 1, 1) * (n_out * n_in)
-        pos = base + rows.unsqueeze(2) * n_in + cols.unsqueeze(1)
-        keep = (self._masks[layer].reshape(-1)[pos] != 0) & row_ok.unsqueeze(2) & col_ok.unsqueeze(1)
-        patient, r, k = keep.nonzero(as_tuple=True)  # patient-major order
-        counts = torch.bincount(patient, minlength=p)
-        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
-        positions = pos[patient, r, k]
-        return ConstantInputs(values=weight.detach().reshape(-1)[positions].clone(), row=patient * rows.shape[1] + r,
-                              col=patient * cols.shape[1] + k, offsets=offsets, positions=positions)
