@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from virtualpatient import network, plasticity, sparse
+from virtualpatient import network, plasticity, reduction, sparse
 from virtualpatient.network import Modulation
 from virtualpatient.protocol import Protocol
 
@@ -111,8 +112,8 @@ def _plain_step(params: network.Params, p: int):
     return step
 
 
-def _engine_step(params: network.Params, p: int):
-    net = network._Net(params)
+def _engine_step(params: network.Params, p: int, reduce: bool = False):
+    net = network._Net(params, reduce=reduce)
     leaves, segments = net.leaves()
     opt = network.BatchedAdam(leaves, 1e-6, segments=segments)
     x = torch.randn(p, 2, 128)
@@ -139,6 +140,42 @@ def step(p: int = 10) -> None:
             compressed = _cpu(_engine_step(params, p)) * 1e3 / p
         print(f"step          {label:6s} sparse: plain {plain:.3f}  engine {engine:.3f}  "
               f"engine_all_dense {dense:.3f}  engine_all_compressed {compressed:.3f}  ratio {plain / engine:.1f}x")
+
+
+def _treated(p: int) -> dict[str, network.Params]:
+    """The networks of ``bench_trial.py``'s reduced protocol: lesioned, ketamine-like and SSRI-like treated."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_trial
+
+    from virtualpatient import PatientBatch, PatientSpec
+    from virtualpatient.trial import DISCONTINUED
+
+    protocol = bench_trial._protocol(p)
+    batch = PatientBatch([PatientSpec(i, protocol.seed) for i in range(p)], protocol)
+    batch.train_baseline()
+    batch.prune()
+    out = {"lesioned": batch.params.clone()}
+    for arm in ("ketamine", "ssri"):
+        treated = batch.clone()
+        treated.modulation = DISCONTINUED
+        protocol.arms[arm].apply(treated, arm, None)
+        out[arm] = treated.params
+    return out
+
+
+def live_units(p: int = 3) -> None:
+    """The training step on the live units only (constant units folded, dead ones left out) vs the
+    whole network, on trained, lesioned and treated networks (the synthetic ones of ``step`` have
+    fewer constant and dead units than training leaves)."""
+    print(f"live_units    training step, batch 128, P={p}, ms per patient-step; units per hidden layer, patient 0")
+    for label, params in _treated(p).items():
+        r = reduction.Reduction(params.masks)
+        roles = "  ".join(f"h{i}:{c[0]}/{d[0]}" for i, (c, d) in
+                          enumerate(zip(r.roles.count("constant"), r.roles.count("dead"))))
+        full = _cpu(_engine_step(params, p)) * 1e3 / p
+        live = _cpu(_engine_step(params, p, reduce=True)) * 1e3 / p
+        print(f"live_units    {label:9s} constant/dead {roles}  work {r.work_fraction():.2f}:  "
+              f"full {full:.3f}  live {live:.3f}  ratio {full / live:.2f}x")
 
 
 def adam(p: int = 10) -> None:
@@ -221,8 +258,8 @@ def compiled(p: int = 10) -> None:
         print(f"compile       unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
 
 
-LEVERS = {"crossover": crossover, "step": step, "adam": adam, "scaling": scaling, "evaluation": evaluation,
-          "threads": threads, "compile": compiled}
+LEVERS = {"crossover": crossover, "step": step, "live_units": live_units, "adam": adam, "scaling": scaling,
+          "evaluation": evaluation, "threads": threads, "compile": compiled}
 
 
 def main(argv: list[str] | None = None) -> int:

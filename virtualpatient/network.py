@@ -26,7 +26,9 @@ The engine
 masks keep at most :attr:`EngineConfig.sparse_max_density` of its weights is stored compressed
 (only its unmasked weights, see :mod:`virtualpatient.sparse`). Both give the dense results up to
 float rounding (``tests/test_perf_equivalence.py``); ``docs/performance.md`` has the measurements
-behind the defaults. The dense, autograd-visible path (:func:`batch_loss`, and :func:`forward` when
+behind the defaults. Noise-free training runs on the live units only (constant units folded into
+the next layer's biases, dead units left out: :mod:`virtualpatient.reduction`). The dense,
+autograd-visible path (:func:`batch_loss`, and :func:`forward` when
 the weights require gradients) is kept for gradient-based regrowth scores, which need gradients at
 pruned positions too.
 """

@@ -15,8 +15,9 @@ Everything else is **live**. A magnitude-pruned network at 95 % sparsity keeps a
 its dense products this way (most hidden units of the first layer are constant: the 2 -> 512 layer
 keeps about 51 weights) and the ketamine-like network at 47.5 % about 56 %
 (``docs/performance.md``). The engine trains the live block of every layer (dense or compressed,
-padded to the largest patient), plus the constant units' outgoing weights as a flat list and
-their biases, and writes the trained values back into the full tensors.
+padded to the largest patient), plus the constant units' outgoing weights as a layer of their own
+(applied to the constants as a batch of one sample) and their biases, and writes the trained
+values back into the full tensors.
 
 The reduction holds only while every unit of a layer sees the same value for every sample, so it
 is used only for noise-free training (internal noise is drawn per unit and sample); evaluation
