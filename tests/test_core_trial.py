@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from virtualpatient import ClinicalTrial, PatientBatch, PatientSpec, Protocol
+from virtualpatient.network import engine_options, eval_group_size
 from virtualpatient.stabiliser import washout_schedule
 from virtualpatient.trial import COLUMNS, TrainingDivergedError, run_arm
 
@@ -191,6 +192,19 @@ def test_results_do_not_depend_on_batching(tiny_run, make_protocol):
     df, _ = tiny_run
     alone = ClinicalTrial(make_protocol(), progress=False, patients_per_unit=1).run()
     pd.testing.assert_frame_equal(df, alone, check_exact=False, rtol=1e-7, atol=1e-9)
+
+
+def test_washout_groups_change_no_number(tiny_run, make_protocol):
+    """Testing the maintenance snapshots one network at a time (a one-byte eval_max_bytes) gives the
+    table of testing all durations x patients of a unit as one batch: each (duration, patient)
+    network keeps its data, its snapshot and its own noise stream whatever its group."""
+    df, _ = tiny_run
+    protocol = make_protocol()
+    assert eval_group_size(protocol.task.n_standard, protocol.network.layer_sizes) >= 6  # one group by default
+    with engine_options(eval_max_bytes=1):
+        assert eval_group_size(protocol.task.n_standard, protocol.network.layer_sizes) == 1
+        grouped = ClinicalTrial(protocol, progress=False).run()
+    pd.testing.assert_frame_equal(df, grouped, check_exact=False, rtol=1e-7, atol=1e-9)
 
 
 @pytest.mark.parametrize(

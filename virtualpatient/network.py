@@ -61,6 +61,7 @@ __all__ = [
     "Params",
     "accuracy",
     "engine_options",
+    "eval_group_size",
     "forward",
     "init_params",
     "train",
@@ -249,6 +250,11 @@ class EngineConfig:
         output) left out (:mod:`virtualpatient.reduction`).
     reduce_max_work
         ... but only when the live blocks keep at most this share of the per-sample products.
+    eval_max_bytes
+        Largest activation buffer one evaluation call should need: the trial tests its maintenance
+        snapshots (durations x patients networks) in groups of :func:`eval_group_size` networks,
+        so memory does not grow with the size of a unit (each buffer is networks x points x units
+        float32; there are three).
     """
 
     sparse_max_density: float = 0.25
@@ -257,9 +263,17 @@ class EngineConfig:
     sparse_backend: str | None = None
     reduce_units: bool = True
     reduce_max_work: float = 0.9
+    eval_max_bytes: int = 256 * 2**20
 
 
 ENGINE = EngineConfig()
+
+
+def eval_group_size(n_points: int, layer_sizes: Sequence[int]) -> int:
+    """How many networks one evaluation of ``n_points`` inputs may hold within
+    :attr:`EngineConfig.eval_max_bytes` per activation buffer (at least one)."""
+    per_network = n_points * max(layer_sizes) * 4
+    return max(1, ENGINE.eval_max_bytes // per_network)
 
 
 @contextlib.contextmanager
