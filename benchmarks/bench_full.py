@@ -7,6 +7,9 @@ processes; see docs/performance.md for why processes beat threads here).
 
     python benchmarks/bench_full.py --workers 2                      # the full study
     python benchmarks/bench_full.py --patients 1 --durations 1,2     # a smoke test, about half a minute
+    # memory of one 10-patient unit (virtualpatient reproduce's default), wash-out tests grouped or not
+    python benchmarks/bench_full.py --patients 10 --durations 1,2,3,4,5,6
+    python benchmarks/bench_full.py --patients 10 --durations 1,2,3,4,5,6 --eval-max-mib 100000
 
 The last line reads ``full_study <seconds> s``.
 """
@@ -29,8 +32,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _one_thread() -> None:
-    torch.set_num_threads(1)
+def _setup(threads: int, eval_max_mib: int | None) -> None:
+    """Torch threads and the evaluation memory budget of this process (also each worker's initializer)."""
+    from virtualpatient import network
+
+    torch.set_num_threads(threads)
+    if eval_max_mib is not None:
+        network.ENGINE = dataclasses.replace(network.ENGINE, eval_max_bytes=eval_max_mib * 2**20)
 
 
 def _rss_mib(who: int) -> float:
@@ -49,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                              "helps when a core is idle, and costs a lot when it is not)")
     parser.add_argument("--patients-per-unit", type=int,
                         help="patients trained together per unit (default: all, or patients / workers)")
+    parser.add_argument("--eval-max-mib", type=int,
+                        help="largest evaluation buffer in MiB (EngineConfig.eval_max_bytes; default 256)")
     parser.add_argument("--out", type=Path, help="run folder (default: in memory, nothing written)")
     args = parser.parse_args(argv)
 
@@ -63,13 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         changes["longitudinal"] = dataclasses.replace(protocol.longitudinal, durations=durations)
     if changes:
         protocol = protocol.replace(**changes)
-    torch.set_num_threads(args.threads)
+    _setup(args.threads, args.eval_max_mib)
     per_unit = args.patients_per_unit or max(1, -(-protocol.n_patients // max(1, args.workers)))
 
     executor = None
     if args.workers > 1:
         executor = ProcessPoolExecutor(max_workers=args.workers, mp_context=mp.get_context("spawn"),
-                                       initializer=_one_thread)
+                                       initializer=_setup, initargs=(1, args.eval_max_mib))
     print(f"bench_full    python {platform.python_version()}  torch {torch.__version__}  cpus {os.cpu_count()}  "
           f"workers {args.workers}  threads {1 if args.workers > 1 else torch.get_num_threads()}  "
           f"sparse {sparse.backend('cpu')}  onednn {sparse.onednn_available()}")
