@@ -120,7 +120,7 @@ class Reduction:
         self.live = [_padded_index(s) for s in [inputs, *self.roles.live, outputs]]
         self.const = [(inputs[:, :0].long(), inputs[:, :0])] + [_padded_index(s) for s in self.roles.constant]
         self._masks = list(masks)
-        self._positions: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._positions: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @property
     def n_layers(self) -> int:
@@ -139,6 +139,8 @@ class Reduction:
     def _block(self, layer: int, inputs: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For a block ``[P, R_out, R_in or K_in]``: the flat position in the full weight of each of
         its entries, their validity, and the flat indices of the valid ones."""
+        if inputs not in ("live", "constant"):
+            raise ValueError(f"inputs must be 'live' or 'constant', got {inputs!r}")
         key = (layer, inputs)
         if key not in self._positions:
             p, n_out, n_in = self.shapes[layer]
