@@ -194,10 +194,10 @@ def test_results_do_not_depend_on_batching(tiny_run, make_protocol):
     pd.testing.assert_frame_equal(df, alone, check_exact=False, rtol=1e-7, atol=1e-9)
 
 
-def test_washout_groups_change_no_number(tiny_run, make_protocol):
-    """Testing the maintenance snapshots one network at a time (a one-byte eval_max_bytes) gives the
-    table of testing all durations x patients of a unit as one batch: each (duration, patient)
-    network keeps its data, its snapshot and its own noise stream whatever its group."""
+def test_evaluation_groups_change_no_number(tiny_run, make_protocol):
+    """Evaluating one network at a time (a one-byte eval_max_bytes) gives the table of evaluating
+    each unit, and the wash-out's durations x patients networks, as one batch: each network keeps
+    its data, its snapshot and its own noise stream whatever its group."""
     df, _ = tiny_run
     protocol = make_protocol()
     assert eval_group_size(protocol.task.n_standard, protocol.network.layer_sizes) >= 6  # one group by default

@@ -231,3 +231,26 @@ def test_eval_cache_follows_in_place_changes():
     torch.testing.assert_close(second, network._forward_dense(params, x, Modulation(), STAB, None, None, None),
                                atol=1e-5, rtol=0)
     assert not torch.allclose(first, second)
+
+
+def test_grouped_evaluation_equals_one_batch():
+    """forward splits a batch that would not fit EngineConfig.eval_max_bytes into groups of
+    networks; logits and activation magnitudes equal the one-batch evaluation bit for bit, with
+    internal and biased noise drawn from each patient's own generator in the same order."""
+    params = _params(11, n_patients=5)
+    x = torch.randn(5, 40, 2, generator=torch.Generator().manual_seed(3)) * 3
+    mod = Modulation(gain=1.3, protection=0.4, noise_sigma=0.3)
+
+    def run(max_bytes):
+        noise = NoiseSource([torch.Generator().manual_seed(50 + i) for i in range(5)])
+        mags: list[torch.Tensor] = []
+        with engine_options(eval_max_bytes=max_bytes):
+            logits = network.forward(params, x, mod, STAB, noise=noise, biased=BiasedNoise(), magnitudes=mags)
+            groups = len(network._eval_nets(params, network.eval_group_size(40, SIZES)))
+        return logits, mags, groups
+
+    one, one_mags, one_groups = run(2**30)
+    split, split_mags, split_groups = run(2 * 40 * max(SIZES) * 4)  # two networks per group
+    assert (one_groups, split_groups) == (1, 3)
+    assert torch.equal(one, split)
+    assert all(torch.equal(a, b) for a, b in zip(one_mags, split_mags)) and len(split_mags) == len(SIZES) - 2

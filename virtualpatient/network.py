@@ -251,10 +251,10 @@ class EngineConfig:
     reduce_max_work
         ... but only when the live blocks keep at most this share of the per-sample products.
     eval_max_bytes
-        Largest activation buffer one evaluation call should need: the trial tests its maintenance
-        snapshots (durations x patients networks) in groups of :func:`eval_group_size` networks,
-        so memory does not grow with the size of a unit (each buffer is networks x points x units
-        float32; there are three).
+        Largest activation buffer an evaluation may use: :func:`forward` evaluates a batch in groups
+        of :func:`eval_group_size` networks, so memory does not grow with the batch (each buffer
+        is networks x points x units float32; there are three). Each patient's noise comes from
+        its own generator either way, so the grouping changes no number.
     """
 
     sparse_max_density: float = 0.25
@@ -348,7 +348,24 @@ def forward(
     if _needs_grad(params, x):
         return _forward_dense(params, x, mod, stab, noise, biased, magnitudes)
     with torch.no_grad():
-        return _eval_net(params).forward_eval(x, mod, stab, noise, biased, magnitudes)
+        return _evaluate(params, x, mod, stab, noise, biased, magnitudes)
+
+
+def _evaluate(params: Params, x: torch.Tensor, mod: Modulation, stab: StabiliserConfig, noise: NoiseSource | None,
+              biased: BiasedNoise | None, magnitudes: list[torch.Tensor] | None) -> torch.Tensor:
+    """The engine's evaluation, in groups of networks that fit :attr:`EngineConfig.eval_max_bytes`."""
+    widths = [x.shape[2]] + [w.shape[1] for w in params.weights]
+    nets = _eval_nets(params, eval_group_size(x.shape[1], widths))
+    if len(nets) == 1:
+        return nets[0][1].forward_eval(x, mod, stab, noise, biased, magnitudes)
+    logits, found = [], []
+    for (p0, net), p1 in zip(nets, [p0 for p0, _ in nets[1:]] + [params.n_patients]):
+        part = None if noise is None else NoiseSource(noise.generators[p0:p1])
+        found.append(None if magnitudes is None else [])
+        logits.append(net.forward_eval(x[p0:p1], mod, stab, part, biased, found[-1]))
+    if magnitudes is not None:
+        magnitudes.extend(torch.cat(layer) for layer in zip(*found))
+    return torch.cat(logits)
 
 
 def _needs_grad(params: Params, x: torch.Tensor) -> bool:
@@ -595,7 +612,6 @@ class _Net:
         device = params.weights[0].device
         kind = ENGINE.sparse_backend or sparse.backend(device)
         self.kind = kind
-        self.signature = _signature(params, kind)
         self._saved: tuple | None = None
         self.reduction = _reduction(params) if reduce else None
         n_layers = len(params.weights)
@@ -778,15 +794,20 @@ def _signature(params: Params, kind: str) -> tuple:
     return (kind, ENGINE, tuple((id(t), t._version) for t in params.weights + params.biases + params.masks))
 
 
-def _eval_net(params: Params) -> _Net:
-    """The engine copy of ``params`` for evaluation, cached on ``params`` until a tensor changes."""
-    kind = ENGINE.sparse_backend or sparse.backend(params.weights[0].device)
-    cached = getattr(params, "_engine_net", None)
-    if cached is not None and cached.signature == _signature(params, kind):
-        return cached
-    net = _Net(params)
-    params._engine_net = net
-    return net
+def _eval_nets(params: Params, size: int) -> list[tuple[int, _Net]]:
+    """The engine copies of ``params`` for evaluation, one per group of at most ``size`` patients
+    (with the group's first patient), cached on ``params`` until one of its tensors changes."""
+    key = (_signature(params, ENGINE.sparse_backend or sparse.backend(params.weights[0].device)), size)
+    cached = getattr(params, "_engine_nets", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    n = params.n_patients
+    if size >= n:
+        nets = [(0, _Net(params))]
+    else:
+        nets = [(p0, _Net(params.select(range(p0, min(p0 + size, n))))) for p0 in range(0, n, size)]
+    params._engine_nets = (key, nets)
+    return nets
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from virtualpatient import plasticity
 from virtualpatient.assessments import ACUTE, OFF_MEDICATION, assess
 from virtualpatient.assessments import biased as biased_test
 from virtualpatient.cohort import COVARIATES, Cohort, PatientSpec
-from virtualpatient.network import Modulation, NoiseSource, NonFiniteError, Params, eval_group_size
+from virtualpatient.network import Modulation, NoiseSource, NonFiniteError, Params
 from virtualpatient.patient import PatientBatch
 from virtualpatient.protocol import Protocol
 from virtualpatient.stabiliser import washout_schedule
@@ -128,6 +128,7 @@ def longitudinal(batch: PatientBatch, arm: str, tick: Tick = None) -> list[dict]
     ``d`` epochs of the longest run *are* the ``d``-epoch run.
     """
     cfg = batch.protocol.longitudinal
+    rate = batch.protocol.arms[arm].washout_decay
     on_drug = batch.clone()
     on_drug.modulation = batch.modulation.replace(protection=cfg.protection, noise_sigma=0.0)
     stream = f"{arm}/maintenance"
@@ -144,44 +145,31 @@ def longitudinal(batch: PatientBatch, arm: str, tick: Tick = None) -> list[dict]
             snaps[d] = run.params
     if not cfg.durations:
         return []
-    # The durations x patients networks are tested in groups as one batch each (one evaluation call
-    # per wash-out step instead of one per duration), as many as fit eval_max_bytes. Every
-    # (duration, patient) keeps its own noise stream, so the grouping changes no number.
-    networks = [(d, i) for d in cfg.durations for i in range(len(batch))]
-    size = eval_group_size(batch.protocol.task.n_standard, batch.protocol.network.layer_sizes)
-    per_duration: dict[int, list[dict]] = {d: [] for d in cfg.durations}
-    for start in range(0, len(networks), size):
-        for row in _washout(batch, arm, snaps, on_drug.modulation, networks[start:start + size]):
-            per_duration[row["maintenance_epochs"]].append(row)
-    return [r for d in cfg.durations for r in per_duration[d]]
+    # All durations are tested as one batch of len(durations) x P networks: one evaluation call per
+    # wash-out step instead of one per duration (network.forward splits a batch whose activations
+    # would not fit EngineConfig.eval_max_bytes). Each (duration, patient) keeps its own noise stream.
+    durations, n = list(cfg.durations), len(batch)
+    repeat = torch.arange(n, device=batch.device).repeat(len(durations))
+    data = TaskData(*(getattr(batch.data, f).index_select(0, repeat) for f in TaskData.__dataclass_fields__))
+    maintained = PatientBatch([s for _ in durations for s in batch.specs], batch.protocol,
+                              Params.cat([snaps[d] for d in durations]), on_drug.modulation, data)
+    noise = NoiseSource([s.generator(f"{arm}/washout/{d}") for d in durations for s in batch.specs])
+    per_duration: dict[int, list[dict]] = {d: [] for d in durations}
 
-
-def _washout(batch: PatientBatch, arm: str, snaps: dict[int, Params], modulation: Modulation,
-             group: list[tuple[int, int]]) -> list[dict]:
-    """Maintenance test, wash-out and relapse verdict of the ``(duration, batch position)`` networks
-    of ``group`` as one batch; rows tagged, network by network within each test."""
-    cfg = batch.protocol.longitudinal
-    index = torch.tensor([i for _, i in group], device=batch.device)
-    data = TaskData(*(getattr(batch.data, f).index_select(0, index) for f in TaskData.__dataclass_fields__))
-    specs = [batch.specs[i] for _, i in group]
-    maintained = PatientBatch(specs, batch.protocol, Params.cat([snaps[d].select([i]) for d, i in group]),
-                              modulation, data)
-    noise = NoiseSource([batch.specs[i].generator(f"{arm}/washout/{d}") for d, i in group])
-    rows: list[dict] = []
-
-    def collect(found: list[dict], phase: str, **extra: Any) -> None:
-        for r, (d, _) in zip(found, group):
-            rows.extend(_tag([r], arm, phase, maintenance_epochs=d, **extra))
+    def collect(rows: list[dict], phase: str, **extra: Any) -> None:
+        for i, r in enumerate(rows):
+            d = durations[i // n]
+            per_duration[d] += _tag([r], arm, phase, maintenance_epochs=d, **extra)
 
     collect(assess(maintained, ("standard",), f"{arm}/maintenance/assess"), "maintenance")
-    levels = washout_schedule(cfg.protection, batch.protocol.arms[arm].washout_decay, cfg.washout_steps)
+    levels = washout_schedule(cfg.protection, rate, cfg.washout_steps)
     for step, p in enumerate(levels):
         biased = biased_test(maintained.with_modulation(DISCONTINUED.replace(protection=p)), noise)
         collect(biased, "washout", step=step)
         collect([dict(r, metric="protection", condition="", value=p) for r in biased], "washout", step=step)
     collect([dict(r, metric="relapsed", condition="", value=float(r["value"] < cfg.relapse_threshold)) for r in biased],
             "washout", step=len(levels) - 1)
-    return rows
+    return [r for d in durations for r in per_duration[d]]
 
 
 def acute_relapse(batch: PatientBatch, arm: str, before: Sequence[float]) -> list[dict]:
