@@ -794,6 +794,11 @@ def _signature(params: Params, kind: str) -> tuple:
     return (kind, ENGINE, tuple((id(t), t._version) for t in params.weights + params.biases + params.masks))
 
 
+def _patients(params: Params, start: int, stop: int) -> Params:
+    """Patients ``start:stop`` of ``params`` as views (no copy)."""
+    return Params(*([t[start:stop] for t in group] for group in (params.weights, params.biases, params.masks)))
+
+
 def _eval_nets(params: Params, size: int) -> list[tuple[int, _Net]]:
     """The engine copies of ``params`` for evaluation, one per group of at most ``size`` patients
     (with the group's first patient), cached on ``params`` until one of its tensors changes."""
@@ -805,7 +810,7 @@ def _eval_nets(params: Params, size: int) -> list[tuple[int, _Net]]:
     if size >= n:
         nets = [(0, _Net(params))]
     else:
-        nets = [(p0, _Net(params.select(range(p0, min(p0 + size, n))))) for p0 in range(0, n, size)]
+        nets = [(p0, _Net(_patients(params, p0, min(p0 + size, n)))) for p0 in range(0, n, size)]
     params._engine_nets = (key, nets)
     return nets
 
