@@ -730,14 +730,17 @@ class _Net:
                 if layer.compressed:
                     layer.pattern.scatter(layer.values, w)
             return
+        def write(i: int, part: _Layer, w: torch.Tensor, inputs: str) -> None:
+            if part.compressed:  # only the unmasked entries: the others are 0 in w already
+                r.write_block(i, part.values, w, inputs, entries=part.pattern.flat)
+            else:
+                r.write_block(i, part.weight, w, inputs)
+
         for i, (layer, w, b) in enumerate(zip(self.layers, params.weights, params.biases)):
+            write(i, layer, w, "live")
             r.write_units(i + 1, layer.bias, b)
-            for inputs, part in (("live", layer), ("constant", self.inputs[i])):
-                if part is not None and part.compressed:  # only the unmasked entries: the rest are 0 in w
-                    r.write_block(i, part.values, w, inputs, entries=part.pattern.flat)
-                elif part is not None:
-                    r.write_block(i, part.weight, w, inputs)
             if self.inputs[i] is not None:
+                write(i, self.inputs[i], w, "constant")
                 r.write_units(i, self.const_biases[i], params.biases[i - 1], "constant")
 
     def export(self, params: Params) -> Params:
