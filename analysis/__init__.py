@@ -37,17 +37,8 @@ __all__ = [
     "tables",
 ]
 
-_LAZY_MODULES = {
-    "claims",
-    "figures",
-    "longitudinal",
-    "report",
-    "stats",
-    "summaries",
-    "survival",
-    "synthetic",
-    "tables",
-}
+#: Every public name but the three functions imported above is a module, loaded on first use.
+_LAZY_MODULES = frozenset(__all__) - {"format_tables", "load_published", "paper_tables"}
 
 
 def __getattr__(name: str):

@@ -40,6 +40,25 @@ def display_name(arm: str) -> str:
     return ARM_DISPLAY_NAMES.get(arm, str(arm))
 
 
+def require_columns(frame: object, columns: Iterable[str], name: str, *, expected: str = "a pandas DataFrame",
+                    kind: str = "", note: str = "") -> pd.DataFrame:
+    """Return ``frame`` when it is a DataFrame holding every one of ``columns``.
+
+    Raises
+    ------
+    TypeError
+        ``"{name} must be {expected}, got <type>"``.
+    ValueError
+        ``"{name} is missing {kind}column(s) [...]{note}"``.
+    """
+    if not isinstance(frame, pd.DataFrame):
+        raise TypeError(f"{name} must be {expected}, got {type(frame).__name__}")
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{name} is missing {kind}column(s) {missing}{note}")
+    return frame
+
+
 def check_results(results: object, *, name: str = "results") -> pd.DataFrame:
     """Validate a results table and return a normalised copy.
 
@@ -54,17 +73,8 @@ def check_results(results: object, *, name: str = "results") -> pd.DataFrame:
     ValueError
         If a required column is missing or ``value`` is not numeric.
     """
-    if not isinstance(results, pd.DataFrame):
-        raise TypeError(
-            f"{name} must be a pandas DataFrame in the tidy results schema, "
-            f"got {type(results).__name__}"
-        )
-    missing = [c for c in REQUIRED_COLUMNS if c not in results.columns]
-    if missing:
-        raise ValueError(
-            f"{name} is missing required column(s) {missing}; "
-            "see docs/results-schema.md for the schema"
-        )
+    require_columns(results, REQUIRED_COLUMNS, name, expected="a pandas DataFrame in the tidy results schema",
+                    kind="required ", note="; see docs/results-schema.md for the schema")
     df = results.copy()
     for col in ("arm", "phase", "metric"):
         df[col] = df[col].astype(str)

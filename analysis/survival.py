@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from analysis._data import arm_order, check_results, relapse_threshold
+from analysis._data import arm_order, check_results, relapse_threshold, require_columns
 from analysis._results import ResultsBase, fmt_num, fmt_p, frame_to_text
 
 __all__ = [
@@ -121,11 +121,7 @@ def time_to_relapse(
 
 
 def _check_ttr(ttr: object) -> pd.DataFrame:
-    if not isinstance(ttr, pd.DataFrame):
-        raise TypeError(f"expected the DataFrame from time_to_relapse(), got {type(ttr).__name__}")
-    missing = [c for c in TTR_COLUMNS if c not in ttr.columns]
-    if missing:
-        raise ValueError(f"time-to-relapse table is missing column(s) {missing}")
+    require_columns(ttr, TTR_COLUMNS, "the time-to-relapse table", expected="the DataFrame from time_to_relapse()")
     bad = ~ttr["event"].isin([0, 1])
     if bad.any():
         raise ValueError("event must be 0 (censored) or 1 (relapse)")

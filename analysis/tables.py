@@ -25,6 +25,7 @@ from analysis._data import (
     decay_rate,
     display_name,
     per_patient,
+    require_columns,
     select,
 )
 
@@ -283,9 +284,7 @@ def load_published(path: str | Path | None = None) -> pd.DataFrame:
     if not path.is_file():
         raise ValueError(f"published tables not found: {path}")
     pub = pd.read_csv(path, dtype={"table": str})
-    missing = [c for c in PUBLISHED_COLUMNS if c not in pub.columns]
-    if missing:
-        raise ValueError(f"{path} is missing column(s) {missing}")
+    require_columns(pub, PUBLISHED_COLUMNS, str(path))
     pub["condition"] = pub["condition"].where(pub["condition"].notna(), "").astype(str)
     for col in ("arm", "phase", "metric", "table"):
         pub[col] = pub[col].astype(str)
@@ -322,14 +321,7 @@ def _published_lookup(
 def _check_published(published: object) -> pd.DataFrame | None:
     if published is None:
         return None
-    if not isinstance(published, pd.DataFrame):
-        raise TypeError(
-            f"published must be a DataFrame from load_published() or None, "
-            f"got {type(published).__name__}"
-        )
-    missing = [c for c in PUBLISHED_COLUMNS if c not in published.columns]
-    if missing:
-        raise ValueError(f"published is missing column(s) {missing}")
+    require_columns(published, PUBLISHED_COLUMNS, "published", expected="a DataFrame from load_published() or None")
     pub = published.copy()
     pub["condition"] = pub["condition"].where(pub["condition"].notna(), "").astype(str)
     return pub
