@@ -35,6 +35,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 from virtualpatient.cohort import CohortConfig
+from virtualpatient.names import check_distinct, check_name
 
 __all__ = [
     "AssessmentConfig",
@@ -52,6 +53,12 @@ __all__ = [
 ]
 
 _STRICT = ConfigDict(extra="forbid")
+
+#: Names an arm may not take: the untreated group and the phases its rows are tagged with
+#: (``docs/results-schema.md``); an arm called ``baseline`` would also share the baseline's unit folder.
+RESERVED_ARM_NAMES = frozenset(
+    {"untreated", "baseline", "pruned", "acute", "maintenance", "washout", "off_medication", "acute_relapse"}
+)
 
 class ProtocolError(ValueError):
     """A study file or protocol value is invalid; the message names every offending field."""
@@ -247,14 +254,21 @@ class Protocol:
         arms, problems = {}, []
         for name, spec in v.items():
             try:
-                arms[str(name)] = build_treatment(name, spec)
+                check_name(name, "arm")
+                if name.lower() in RESERVED_ARM_NAMES:
+                    raise ValueError(f"arm name {name!r} is reserved (it names a phase or the untreated group)")
+                arms[name] = build_treatment(name, spec)
             except (ValueError, TypeError) as exc:
                 problems.append(f"{name}: {exc}")
         if problems:
             raise ValueError("; ".join(problems))
-        if "untreated" in arms:
-            raise ValueError("'untreated' is reserved for the pruned baseline")
+        check_distinct(arms, "arm")
         return arms
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v, "study")
 
     @model_validator(mode="after")
     def _check(self) -> Protocol:
