@@ -13,7 +13,7 @@ import torch
 from virtualpatient import ClinicalTrial, PatientBatch, PatientSpec, Protocol
 from virtualpatient.network import engine_options, eval_group_size
 from virtualpatient.stabiliser import washout_schedule
-from virtualpatient.trial import COLUMNS, TrainingDivergedError, run_arm
+from virtualpatient.trial import COLUMNS, SCHEDULE_COLUMNS, TrainingDivergedError, run_arm
 
 ARMS = ("ketamine", "ssri", "neurosteroid")
 COVARIATES = ("prune_fraction", "regrowth_fraction", "lr_scale")
@@ -34,7 +34,7 @@ def test_results_cover_every_metric_of_tables_1_to_4(tiny_run, tiny_protocol):
     """Every arm (and the pruned baseline) has sparsity, clean/standard/combined/biased accuracy, accuracy at
     every resilience sigma, gain, activation magnitude and acute relapse: one row per patient each."""
     df, _ = tiny_run
-    assert list(df.columns) == COLUMNS + list(COVARIATES)
+    assert list(df.columns) == COLUMNS + list(COVARIATES) + SCHEDULE_COLUMNS
     patients = [0, 1]
     sigmas = tiny_protocol.assessment.resilience_sigmas
     for arm, phase in [("untreated", "pruned")] + [(a, "acute") for a in ARMS]:
@@ -258,25 +258,19 @@ def test_baseline_divergence_on_its_only_step_is_reported(make_protocol):
         ClinicalTrial(protocol, progress=False).run()
 
 
-def test_acute_relapse_prunes_only_what_the_lesion_pruned(make_protocol, monkeypatch):
+def test_acute_relapse_prunes_only_what_the_lesion_pruned(make_protocol):
     """Under the text's reading (pruning.layers = "hidden") the acute-relapse stressor re-prunes the
     three hidden matrices to s + 0.4 (1 - s), s their own sparsity, and leaves the output layer whole."""
-    from virtualpatient.trial import acute_relapse
+    from virtualpatient.phases import Context, Group, Stress
 
     protocol = make_protocol(pruning={"fraction": 0.9, "layers": "hidden"})
     batch = PatientBatch([PatientSpec(i, protocol.seed) for i in (0, 1)], protocol)
     batch.prune()
     assert batch.lesion_layers == [0, 1, 2]
-    seen = {}
-    original = PatientBatch.clone
-
-    def spy(self):
-        seen["copy"] = original(self)
-        return seen["copy"]
-
-    monkeypatch.setattr(PatientBatch, "clone", spy)
-    acute_relapse(batch, "ketamine", before=[50.0, 50.0])
-    stressed = seen["copy"].params
+    group = Group.start(batch.clone())
+    stress = Stress(further=protocol.relapse.further_fraction, cap=protocol.relapse.max_sparsity)
+    stress.run(group, Context(protocol, "ketamine"))
+    stressed = group.batch.params
     assert torch.all(stressed.masks[3] == 1)
     s = batch.params.sparsity([0, 1, 2]).numpy() / 100
     np.testing.assert_allclose(stressed.sparsity([0, 1, 2]).numpy() / 100, s + 0.4 * (1 - s), atol=0.01)

@@ -66,7 +66,8 @@ def _keep_top(magnitude: torch.Tensor, alive: torch.Tensor, fraction: float) -> 
     return ((exact >= threshold) & alive).to(magnitude.dtype)
 
 
-def prune_per_layer(params: Params, fractions: Sequence[float], layers: Sequence[int] | None = None) -> None:
+def prune_per_layer(params: Params, fractions: Sequence[float], layers: Sequence[int] | None = None,
+                    exclude: Sequence[torch.Tensor] | None = None) -> None:
     """One-shot magnitude pruning of each layer on its own (fact 7).
 
     In every chosen weight matrix a patient keeps the weights whose ``|w|`` is at or above the
@@ -79,6 +80,9 @@ def prune_per_layer(params: Params, fractions: Sequence[float], layers: Sequence
         Target sparsity per patient, in [0, 1).
     layers
         Indices of the weight matrices to prune (default: all).
+    exclude
+        Per weight matrix, a bool ``[P, out, in]`` of scarred positions: they stay pruned and are
+        left out of the population the quantile is taken over (a scar is not a weak weight).
     """
     _check_fractions(params, fractions)
     layers = range(len(params.weights)) if layers is None else layers
@@ -86,7 +90,13 @@ def prune_per_layer(params: Params, fractions: Sequence[float], layers: Sequence
         for i in layers:
             w, m = params.weights[i], params.masks[i]
             for p, frac in enumerate(fractions):
-                m[p] = _keep_top(w[p].abs(), m[p] > 0, frac)
+                if exclude is None or not bool(exclude[i][p].any()):
+                    m[p] = _keep_top(w[p].abs(), m[p] > 0, frac)
+                    continue
+                free = ~exclude[i][p]
+                exact = w[p].abs().double()
+                threshold = quantile(exact[free], frac)
+                m[p] = ((exact >= threshold) & (m[p] > 0) & free).to(m.dtype)
     params.apply_masks()
 
 
@@ -157,11 +167,13 @@ def regrow(
     fractions: Sequence[float],
     init_sd: float,
     generators: Sequence[torch.Generator],
+    blocked: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Reinstate the top-scored pruned positions of every layer with N(0, init_sd^2) values.
 
     In each layer a patient regrows ``floor(fraction * pruned count)`` of its pruned positions,
-    those with the highest score; the mask is set to 1 there (fact 8).
+    those with the highest score; the mask is set to 1 there (fact 8). ``blocked`` (per layer, a
+    bool ``[P, out, in]``: scars) are never regrown and do not count as pruned candidates.
 
     Returns
     -------
@@ -172,12 +184,14 @@ def regrow(
         raise ValueError(f"need one regrowth fraction per patient ({params.n_patients}), got {len(fractions)}")
     grown = []
     with torch.no_grad():
-        for w, m, s in zip(params.weights, params.masks, scores):
+        for layer, (w, m, s) in enumerate(zip(params.weights, params.masks, scores)):
             new = torch.zeros_like(m, dtype=torch.bool)
             for p, (frac, g) in enumerate(zip(fractions, generators)):
                 if not 0.0 <= frac <= 1.0:
                     raise ValueError(f"regrowth fraction must lie in [0, 1], got {frac}")
                 pruned = m[p] == 0
+                if blocked is not None:
+                    pruned &= ~blocked[layer][p]
                 k = int(frac * int(pruned.sum()))
                 values = torch.randn(w.shape[1:], generator=g).to(w.device) * init_sd
                 if k == 0:

@@ -221,6 +221,13 @@ class Protocol:
         treatment's parameters. The paper's arms are ``ketamine``, ``ssri`` and ``neurosteroid``.
     device
         ``"cpu"`` or ``"cuda"``; the same code runs on both.
+    schedule
+        The spine: phases every patient goes through before the regimens fork (a study file's
+        ``[[schedule]]`` tables; see ``docs/schedules.md``). ``None``: the paper's (baseline
+        training, lesion, untreated assessments; fact 15).
+    regimens
+        Regimen name -> its phases (``[[regimens.NAME]]``); each runs on its own copy of the
+        spine's patients and names the results' ``arm``. ``None``: the paper's course for every arm.
 
     Examples
     --------
@@ -243,6 +250,22 @@ class Protocol:
     cohort: CohortConfig = dataclasses.field(default_factory=CohortConfig)
     arms: dict[str, Any] = dataclasses.field(default_factory=_default_arms)
     device: Literal["cpu", "cuda"] = "cpu"
+    schedule: tuple[Any, ...] | None = None
+    regimens: dict[str, tuple[Any, ...]] | None = None
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _build_schedule(cls, v: Any) -> tuple[Any, ...] | None:
+        return None if v is None else _phases(v, "schedule")
+
+    @field_validator("regimens", mode="before")
+    @classmethod
+    def _build_regimens(cls, v: Any) -> dict[str, tuple[Any, ...]] | None:
+        if v is None:
+            return None
+        if not isinstance(v, dict):
+            raise ValueError("must be a table of regimen name -> list of phases")
+        return {name: _phases(phases, f"regimens.{name}") for name, phases in v.items()}
 
     @field_validator("arms", mode="before")
     @classmethod
@@ -276,6 +299,12 @@ class Protocol:
             raise ValueError(
                 "network.layer_sizes must start with 2 inputs and end with one output per task centre"
             )
+        if self.schedule is not None or self.regimens is not None:
+            from virtualpatient.phases import check_schedule, resolve
+
+            problems = check_schedule(*resolve(self), self.arms)
+            if problems:
+                raise ValueError("\n".join(problems))
         return self
 
     # ----------------------------------------------------------------------------------------
@@ -290,6 +319,12 @@ class Protocol:
             value = getattr(self, f.name)
             if f.name == "arms":
                 out["arms"] = {name: t.to_dict() for name, t in value.items()}
+            elif f.name == "schedule":
+                if value is not None:  # absent: the paper's schedule (and the hash of runs made before schedules)
+                    out["schedule"] = [p.to_dict() for p in value]
+            elif f.name == "regimens":
+                if value is not None:
+                    out["regimens"] = {name: [p.to_dict() for p in phases] for name, phases in value.items()}
             elif dataclasses.is_dataclass(value):
                 out[f.name] = _plain(dataclasses.asdict(value))
             else:
@@ -337,12 +372,24 @@ class Protocol:
         """
         data = dict(data)
         data.pop("interpretations", None)
+        problems: list[str] = []
+        if any(key in data for key in ("schedule", "regimens", "blocks")):
+            from virtualpatient.phases import build_schedule
+
+            spine, regimens, bad = build_schedule(data.pop("schedule", None), data.pop("regimens", None),
+                                                  data.pop("blocks", None))
+            problems += [f"{source}: {line}" for line in bad]
+            if not bad:
+                data.update(schedule=spine, regimens=regimens)
         try:
-            return cls(**data)
+            protocol = cls(**data)
         except pydantic.ValidationError as exc:
-            raise ProtocolError(_format_errors(exc, source)) from None
+            raise ProtocolError("\n".join([*problems, _format_errors(exc, source)])) from None
         except TypeError as exc:  # e.g. a table where a scalar belongs
-            raise ProtocolError(f"{source}: {exc}") from None
+            raise ProtocolError("\n".join([*problems, f"{source}: {exc}"])) from None
+        if problems:
+            raise ProtocolError("\n".join(problems))
+        return protocol
 
 
 def _plain(value: Any) -> Any:
@@ -355,6 +402,20 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _phases(value: Any, where: str) -> tuple[Any, ...]:
+    """Phases from a list of phase objects or study-file tables (see :mod:`virtualpatient.phases`)."""
+    from virtualpatient.phases import Fork, build_schedule
+
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("must be a list of phases")
+    if value and isinstance(value[-1], Fork):
+        raise ValueError("a Fork ends a schedule given to ClinicalTrial; a Protocol takes regimens= instead")
+    spine, _, problems = build_schedule(list(value), None, None)
+    if problems:
+        raise ValueError("; ".join(p.removeprefix("schedule") for p in problems))
+    return spine
+
+
 def _format_errors(exc: pydantic.ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
@@ -364,6 +425,10 @@ def _format_errors(exc: pydantic.ValidationError, source: str) -> str:
             msg = "unknown key"
         elif err["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
+        if not err["loc"] and msg.startswith(("schedule", "regimens")):
+            # schedule checks name their own places, one per line
+            lines += [f"{source}: {line}" for line in msg.splitlines()]
+            continue
         lines.append(f"{source}: {path}: {msg}")
     return "\n".join(lines)
 

@@ -163,7 +163,9 @@ class KetamineLike(Treatment):
         else:
             scores = plasticity.random_scores(batch.params, batch.generators(f"{arm}/score"))
         fractions = [f if not math.isnan(f) else self.regrow_fraction for f in batch.covariate("regrowth_fraction")]
-        plasticity.regrow(batch.params, scores, fractions, self.regrow_sd, batch.generators(f"{arm}/regrow"))
+        # a schedule's scars (virtualpatient.phases) are never regrown
+        plasticity.regrow(batch.params, scores, fractions, self.regrow_sd, batch.generators(f"{arm}/regrow"),
+                          blocked=getattr(batch, "scar", None))
         batch.train(self.epochs, self.lr, f"{arm}/train", on_epoch=on_epoch)
 
     def interpretations(self) -> dict[str, Any]:

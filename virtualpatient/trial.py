@@ -1,14 +1,14 @@
-"""ClinicalTrial: the schedule from healthy network to manic relapse, and its tidy results.
+"""ClinicalTrial: run a study's schedule over its cohort, into a tidy results table.
 
-Per patient (fact 15): baseline training, the lesion (pruning), untreated assessments; then per arm,
-on its own copy of the pruned network: the acute course, acute assessments, maintenance under full
-mood-stabiliser protection for each duration, discontinuation and wash-out with a biased-noise test
-after every decay step, (state-dependent arms: tests with the module off), and acute relapse.
+A schedule (:mod:`virtualpatient.phases`) is a *spine* every patient goes through (the paper's:
+baseline training, the lesion, untreated assessments) and *regimens* that each run on their own
+copy of the spine's end state (the paper's: one per arm, fact 15). The trial knows no particular
+phase: it cuts the work into units, a chunk of patients' spine and a chunk of patients x one
+regimen, runs them in-process or on any :class:`concurrent.futures.Executor`, and stores each
+finished unit at once, so a run resumes after a kill.
 
-The trial owns the schedule and the randomness: every draw comes from a named per-patient stream
-(see :mod:`virtualpatient.cohort`), so results do not depend on batching, order, worker or resume.
-Work is cut into units (a chunk of patients' baselines; a chunk of patients x one arm) that run
-in-process or on any :class:`concurrent.futures.Executor`, and each finished unit is stored at once.
+Every random draw comes from a named per-patient stream (see :mod:`virtualpatient.cohort`), so
+results do not depend on batching, order, worker or resume.
 
 Examples
 --------
@@ -27,168 +27,104 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
-from virtualpatient import plasticity
-from virtualpatient.assessments import ACUTE, OFF_MEDICATION, assess
-from virtualpatient.assessments import biased as biased_test
 from virtualpatient.cohort import COVARIATES, Cohort, PatientSpec
-from virtualpatient.network import Modulation, NoiseSource, NonFiniteError, Params
 from virtualpatient.patient import PatientBatch
+from virtualpatient.phases import (
+    SPINE,
+    Context,
+    Fork,
+    Group,
+    Phase,
+    TrainingDivergedError,
+    clock_origin,
+    resolve,
+    run_schedule,
+)
 from virtualpatient.protocol import Protocol
-from virtualpatient.stabiliser import washout_schedule
 from virtualpatient.store import RunStore
-from virtualpatient.task import TaskData
 
-__all__ = ["COLUMNS", "ClinicalTrial", "TrainingDivergedError", "run_arm", "run_baseline"]
+__all__ = ["COLUMNS", "SCHEDULE_COLUMNS", "ClinicalTrial", "TrainingDivergedError", "run_arm", "run_baseline"]
 
 COLUMNS = ["patient", "arm", "phase", "metric", "condition", "noise_sigma", "maintenance_epochs", "step", "value"]
-
-#: The modulation after discontinuation: drug effects gone (gain 1, damping 1, ReLU, no noise).
-DISCONTINUED = Modulation()
+#: Columns that place a row in a schedule, after the covariates: the trial clock (training epochs
+#: since the lesion), the cycle of the innermost repeat (0 outside one) and the phase's label path.
+SCHEDULE_COLUMNS = ["time", "cycle", "label"]
 
 Tick = Callable[[int], None] | None
 
 
-class TrainingDivergedError(FloatingPointError):
-    """A training step produced NaN or inf; the message names patients, arm, phase and epoch."""
-
-
-def _tag(rows: list[dict], arm: str, phase: str, **extra: Any) -> list[dict]:
+def _strip(rows: list[dict]) -> list[dict]:
     for r in rows:
-        r.update(arm=arm, phase=phase, **extra)
+        r.pop("_key", None)
     return rows
-
-
-def _train_guard(batch: PatientBatch, arm: str, phase: str, fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except NonFiniteError as exc:
-        ids = [batch.specs[i].index for i in exc.patients]
-        raise TrainingDivergedError(
-            f"training diverged (NaN/inf loss): patient(s) {ids}, arm {arm}, {phase}, epoch {exc.epoch + 1}"
-        ) from None
-
-
-def _scale_tick(tick: Tick, n: int) -> Tick:
-    return None if tick is None else (lambda _epoch: tick(n))
 
 
 # -- units of work ---------------------------------------------------------------------------
 def run_baseline(protocol: Protocol, specs: Sequence[PatientSpec], tick: Tick = None) -> list[dict[str, Any]]:
-    """Train, prune and assess the untreated patients; one payload per patient.
+    """The spine for a chunk of patients (the paper's: train, test, prune, untreated assessments).
 
     Returns
     -------
     list of dict
-        Per patient ``{"rows": [...], "state": <single-patient state dict>}``.
+        Per patient ``{"rows": [...], "state": <single-patient state dict>, "meta": <schedule state>}``.
     """
+    spine, _ = resolve(protocol)
     batch = PatientBatch(specs, protocol)
-    _train_guard(batch, "untreated", "baseline training", lambda: batch.train_baseline(_scale_tick(tick, len(batch))))
-    rows = _tag(assess(batch, ("standard", "clean"), "untreated/baseline"), "untreated", "baseline")
-    batch.prune()
-    rows += _tag(assess(batch, ACUTE, "untreated/assess"), "untreated", "pruned")
-    return [
-        {"rows": [r for r in rows if r["patient"] == s.index], "state": batch.select([i]).state_dict()}
-        for i, s in enumerate(batch.specs)
-    ]
+    ctx = Context(protocol, SPINE, tick)
+    groups, rows = run_schedule(spine, [Group.start(batch, clock_origin(spine, protocol))], ctx)
+    _strip(rows)
+    where = {g.batch.specs[i].index: (g, i) for g in groups for i in range(len(g))}
+    out = []
+    for s in specs:
+        g, i = where[s.index]
+        out.append({"rows": [r for r in rows if r["patient"] == s.index],
+                    "state": g.batch.select([i]).state_dict(), "meta": g.meta(i)})
+    return out
 
 
-def run_arm(protocol: Protocol, arm: str, pruned: PatientBatch, tick: Tick = None) -> list[dict[str, Any]]:
-    """One arm for a batch of pruned patients: acute course, assessments, follow-up, relapse.
+def _groups(protocol: Protocol, pruned: PatientBatch | Sequence[dict]) -> tuple[list[Group], list[PatientSpec]]:
+    """Groups of patients that can run together, from a batch or the spine's stored payloads."""
+    if isinstance(pruned, PatientBatch):
+        return [Group.start(pruned)], list(pruned.specs)
+    by_modulation: dict[Any, list[dict]] = {}
+    for payload in pruned:
+        by_modulation.setdefault(tuple(sorted(payload["state"]["modulation"].items())), []).append(payload)
+    groups = []
+    for payloads in by_modulation.values():
+        batch = PatientBatch.stack([PatientBatch.from_state_dict(p["state"], protocol) for p in payloads])
+        groups.append(Group.from_meta(batch, [p.get("meta") or Group.start(batch).meta(0) for p in payloads]))
+    specs = [PatientSpec.from_dict(p["state"]["specs"][0]) for p in pruned]
+    return groups, specs
+
+
+def run_arm(protocol: Protocol, arm: str, pruned: PatientBatch | Sequence[dict], tick: Tick = None) -> list[dict]:
+    """One regimen (the paper's: one arm's course) for a chunk of patients after the spine.
+
+    Parameters
+    ----------
+    arm
+        The regimen's name (the results' ``arm``).
+    pruned
+        The patients after the spine: a :class:`PatientBatch`, or the spine's payloads.
 
     Returns
     -------
     list of dict
-        Per patient, in batch order, ``{"rows": [...], "weights": [W0, W1, ...]}`` (the weight
-        matrices after the acute course, for the weight-distribution figures).
+        Per patient, in order, ``{"rows": [...], "weights": [W0, W1, ...]}`` (the weight matrices
+        after the regimen's first acute course, else at its end, for the weight-distribution figures).
     """
-    treatment = protocol.arms[arm]
-    batch = pruned.clone()
-    batch.modulation = DISCONTINUED
-    _train_guard(batch, arm, "acute course", lambda: treatment.apply(batch, arm, _scale_tick(tick, len(batch))))
-    acute = _tag(assess(batch, ACUTE, f"{arm}/assess"), arm, "acute")
-    rows = acute + longitudinal(batch, arm, tick)
-    if treatment.state_dependent:
-        rows += _tag(assess(batch.with_modulation(DISCONTINUED), OFF_MEDICATION, f"{arm}/off"), arm, "off_medication")
-    before = [r["value"] for r in acute if r["metric"] == "accuracy" and r["condition"] == "combined"]
-    rows += acute_relapse(batch, arm, before)
-    weights = [w.detach().cpu() for w in batch.params.weights]
-    return [
-        {"rows": [r for r in rows if r["patient"] == s.index], "weights": [w[i] for w in weights]}
-        for i, s in enumerate(batch.specs)
-    ]
-
-
-def longitudinal(batch: PatientBatch, arm: str, tick: Tick = None) -> list[dict]:
-    """Maintenance for each duration, discontinuation, wash-out and the relapse verdict (fact 14).
-
-    With ``longitudinal.nested`` (default) the durations are snapshots of one run of the longest
-    duration: every duration starts from the same state with the same data order, so the first
-    ``d`` epochs of the longest run *are* the ``d``-epoch run.
-    """
-    cfg = batch.protocol.longitudinal
-    rate = batch.protocol.arms[arm].washout_decay
-    on_drug = batch.clone()
-    on_drug.modulation = batch.modulation.replace(protection=cfg.protection, noise_sigma=0.0)
-    stream = f"{arm}/maintenance"
-    if cfg.nested:
-        longest = max(cfg.durations, default=0)
-        snaps = _train_guard(on_drug, arm, "maintenance", lambda: on_drug.train(
-            longest, cfg.lr, stream, snapshots=cfg.durations, on_epoch=_scale_tick(tick, len(batch))))
-    else:
-        snaps = {}
-        for d in cfg.durations:
-            run = on_drug.clone()
-            _train_guard(run, arm, f"maintenance ({d} epochs)",
-                         lambda run=run, d=d: run.train(d, cfg.lr, stream, on_epoch=_scale_tick(tick, len(batch))))
-            snaps[d] = run.params
-    if not cfg.durations:
-        return []
-    # All durations are tested as one batch of len(durations) x P networks: one evaluation call per
-    # wash-out step instead of one per duration (network.forward splits a batch whose activations
-    # would not fit EngineConfig.eval_max_bytes). Each (duration, patient) keeps its own noise stream.
-    durations, n = list(cfg.durations), len(batch)
-    repeat = torch.arange(n, device=batch.device).repeat(len(durations))
-    data = TaskData(*(getattr(batch.data, f).index_select(0, repeat) for f in TaskData.__dataclass_fields__))
-    maintained = PatientBatch([s for _ in durations for s in batch.specs], batch.protocol,
-                              Params.cat([snaps[d] for d in durations]), on_drug.modulation, data)
-    noise = NoiseSource([s.generator(f"{arm}/washout/{d}") for d in durations for s in batch.specs])
-    per_duration: dict[int, list[dict]] = {d: [] for d in durations}
-
-    def collect(rows: list[dict], phase: str, **extra: Any) -> None:
-        for i, r in enumerate(rows):
-            d = durations[i // n]
-            per_duration[d] += _tag([r], arm, phase, maintenance_epochs=d, **extra)
-
-    collect(assess(maintained, ("standard",), f"{arm}/maintenance/assess"), "maintenance")
-    levels = washout_schedule(cfg.protection, rate, cfg.washout_steps)
-    for step, p in enumerate(levels):
-        biased = biased_test(maintained.with_modulation(DISCONTINUED.replace(protection=p)), noise)
-        collect(biased, "washout", step=step)
-        collect([dict(r, metric="protection", condition="", value=p) for r in biased], "washout", step=step)
-    collect([dict(r, metric="relapsed", condition="", value=float(r["value"] < cfg.relapse_threshold)) for r in biased],
-            "washout", step=len(levels) - 1)
-    return [r for d in durations for r in per_duration[d]]
-
-
-def acute_relapse(batch: PatientBatch, arm: str, before: Sequence[float]) -> list[dict]:
-    """Prune a further share of the remaining weights and re-test under combined stress (fact 11).
-
-    Each matrix the lesion pruned is re-pruned to ``s + further (1 - s)``, ``s`` the current
-    sparsity over those matrices (all four by default; the hidden ones under the text's reading).
-    """
-    cfg = batch.protocol.relapse
-    layers = batch.lesion_layers
-    s = batch.params.sparsity(layers) / 100.0
-    targets = [min(float(x) + cfg.further_fraction * (1.0 - float(x)), cfg.max_sparsity) for x in s]
-    stressed = batch.clone()
-    plasticity.prune_per_layer(stressed.params, targets, layers=layers)
-    rows = assess(stressed, ("sparsity", "combined"), f"{arm}/relapse")
-    after = [r["value"] for r in rows if r["metric"] == "accuracy"]
-    drop = [{"patient": spec.index, "metric": "relapse_drop", "condition": "", "noise_sigma": math.nan,
-             "value": b - a} for spec, b, a in zip(batch.specs, before, after)]
-    return _tag(rows + drop, arm, "acute_relapse")
+    _, regimens = resolve(protocol)
+    groups, specs = _groups(protocol, pruned)
+    ctx = Context(protocol, arm, tick)
+    groups, rows = run_schedule(regimens[arm], groups, ctx)
+    _strip(rows)
+    for g in groups:  # patients that never went through a treat: their weights at the end
+        ctx.capture(g)
+    for g in groups:
+        for i, s in enumerate(g.batch.specs):
+            ctx.weights.setdefault(s.index, [w[i].detach().cpu() for w in g.batch.params.weights])
+    return [{"rows": [r for r in rows if r["patient"] == s.index], "weights": ctx.weights[s.index]} for s in specs]
 
 
 def _baseline_payloads(protocol_data: dict, spec_data: list[dict]) -> list[dict[str, Any]]:
@@ -198,20 +134,23 @@ def _baseline_payloads(protocol_data: dict, spec_data: list[dict]) -> list[dict[
 
 
 def _arm_payloads(protocol_data: dict, arm: str, states: list[dict]) -> list[dict[str, Any]]:
-    """Process-safe entry point: the protocol as a dict and pruned state dicts in, rows and weights out."""
-    protocol = Protocol.from_dict(protocol_data)
-    pruned = PatientBatch.stack([PatientBatch.from_state_dict(s, protocol) for s in states])
-    return run_arm(protocol, arm, pruned)
+    """Process-safe entry point: the protocol as a dict and the spine's payloads in, rows and weights out."""
+    return run_arm(Protocol.from_dict(protocol_data), arm, states)
 
 
 # -- the trial -------------------------------------------------------------------------------
 class ClinicalTrial:
-    """Run a study: a cohort, its arms and the full schedule, into a tidy results table.
+    """Run a study: a cohort, its arms and its schedule, into a tidy results table.
 
     Parameters
     ----------
     protocol
         The study (see :func:`~virtualpatient.protocol.load_study`).
+    schedule
+        Phases replacing the study's spine (a list; it may end with a
+        :class:`~virtualpatient.phases.Fork` of regimens).
+    regimens
+        Regimen name -> phases, replacing the study's regimens.
     executor
         Where units of work run: ``None`` runs them in this process (with per-epoch progress);
         any :class:`concurrent.futures.Executor` (a process pool, or Dask's
@@ -228,14 +167,31 @@ class ClinicalTrial:
     >>> trial = ClinicalTrial(Protocol().replace(n_patients=2))
     >>> len(trial.cohort)
     2
+    >>> from virtualpatient.phases import Assess, Fork, Lesion, Train, Treat
+    >>> trial = ClinicalTrial(Protocol().replace(n_patients=2), schedule=[
+    ...     Train(), Lesion(), Fork(regimens={"ket": [Treat(arm="ketamine"), Assess(label="acute")]})])
+    >>> list(trial.protocol.regimens)
+    ['ket']
     """
 
-    def __init__(self, protocol: Protocol, *, executor: Executor | None = None,
+    def __init__(self, protocol: Protocol, schedule: Sequence[Phase] | None = None,
+                 regimens: dict[str, Sequence[Phase]] | None = None, *, executor: Executor | None = None,
                  patients_per_unit: int | None = None, progress: bool = True) -> None:
         if not isinstance(protocol, Protocol):
             raise TypeError(f"protocol must be a Protocol, got {type(protocol).__name__}")
         if patients_per_unit is not None and patients_per_unit < 1:
             raise ValueError(f"patients_per_unit must be >= 1, got {patients_per_unit}")
+        if schedule is not None:
+            if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence):
+                raise TypeError(f"schedule must be a list of phases, got {type(schedule).__name__}")
+            schedule = list(schedule)
+            if schedule and isinstance(schedule[-1], Fork):
+                if regimens is not None:
+                    raise ValueError("give the regimens either as the schedule's final Fork or as regimens=")
+                regimens = dict(schedule.pop().regimens)
+            protocol = protocol.replace(schedule=schedule)
+        if regimens is not None:
+            protocol = protocol.replace(regimens=regimens)
         self.protocol = protocol
         self.executor = executor
         self.patients_per_unit = patients_per_unit or protocol.n_patients
@@ -248,11 +204,15 @@ class ClinicalTrial:
     # ------------------------------------------------------------------------------------------
     def epochs_per_patient(self) -> dict[str, int]:
         """Training epochs each patient goes through, per unit kind (for progress and benchmarks)."""
-        cfg = self.protocol.longitudinal
-        follow = max(cfg.durations, default=0) if cfg.nested else sum(cfg.durations)
-        out = {"baseline": self.protocol.baseline.epochs}
-        out.update({arm: t.training_epochs() + follow for arm, t in self.protocol.arms.items()})
+        spine, regimens = resolve(self.protocol)
+        out = {"baseline": sum(p.training_epochs(self.protocol) for p in spine)}
+        out.update({name: sum(p.training_epochs(self.protocol) for p in phases) for name, phases in regimens.items()})
         return out
+
+    @property
+    def regimens(self) -> list[str]:
+        """The regimens' names: the results' arms besides the spine's ``untreated``."""
+        return list(resolve(self.protocol)[1])
 
     def _chunks(self, patients: list[PatientSpec]) -> list[list[PatientSpec]]:
         n = self.patients_per_unit
@@ -278,7 +238,7 @@ class ClinicalTrial:
         from tqdm.auto import tqdm
 
         epochs = self.epochs_per_patient()
-        arms = list(self.protocol.arms)
+        arms = self.regimens
         self._verify(store, ["baseline", *arms])
         todo_base = [s for s in self.cohort if not store.has("baseline", s.index)]
         todo_arm = {a: [s for s in self.cohort if not store.has(a, s.index)] for a in arms}
@@ -301,7 +261,12 @@ class ClinicalTrial:
                     store.load_unit(kind, s.index)
 
     def _pruned(self, store: RunStore, specs: list[PatientSpec]) -> list[dict]:
-        return [store.load_unit("baseline", s.index)["state"] for s in specs]
+        """The spine's end states (weights, masks, modulation and schedule state) of ``specs``."""
+        out = []
+        for s in specs:
+            unit = store.load_unit("baseline", s.index)
+            out.append({"state": unit["state"], "meta": unit.get("meta")})
+        return out
 
     def _save_baseline(self, store: RunStore, payloads: list[dict]) -> None:
         for payload in payloads:
@@ -322,8 +287,7 @@ class ClinicalTrial:
         for arm, specs in todo_arm.items():
             for chunk in self._chunks(specs):
                 bar.set_postfix_str(arm)
-                pruned = PatientBatch.stack([PatientBatch.from_state_dict(s, self.protocol)
-                                             for s in self._pruned(store, chunk)])
+                pruned = self._pruned(store, chunk)
                 self._save_arm(store, arm, chunk, run_arm(self.protocol, arm, pruned, bar.update))
 
     def _run_executor(self, store, todo_base, todo_arm, bar, epochs) -> None:
@@ -361,7 +325,7 @@ class ClinicalTrial:
 
     def _assemble(self, store: RunStore) -> pd.DataFrame:
         rows: list[dict] = []
-        for kind in ["baseline", *self.protocol.arms]:
+        for kind in ["baseline", *self.regimens]:
             for s in self.cohort:
                 unit = store.load_unit(kind, s.index)
                 unit_rows = unit["rows"] if kind == "baseline" else unit
@@ -370,6 +334,6 @@ class ClinicalTrial:
         for col in ("noise_sigma", "maintenance_epochs", "step"):
             if col not in frame:
                 frame[col] = math.nan
-        frame = frame[COLUMNS + list(COVARIATES)]
+        frame = frame[COLUMNS + list(COVARIATES) + SCHEDULE_COLUMNS]
         return frame.astype({"patient": int, "noise_sigma": float, "maintenance_epochs": float, "step": float,
-                             "value": float})
+                             "value": float, "time": float, "cycle": int})
