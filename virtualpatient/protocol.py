@@ -319,17 +319,34 @@ class Protocol:
             value = getattr(self, f.name)
             if f.name == "arms":
                 out["arms"] = {name: t.to_dict() for name, t in value.items()}
-            elif f.name == "schedule":
-                if value is not None:  # absent: the paper's schedule (and the hash of runs made before schedules)
-                    out["schedule"] = [p.to_dict() for p in value]
-            elif f.name == "regimens":
-                if value is not None:
-                    out["regimens"] = {name: [p.to_dict() for p in phases] for name, phases in value.items()}
+            elif f.name in ("schedule", "regimens"):
+                continue
             elif dataclasses.is_dataclass(value):
                 out[f.name] = _plain(dataclasses.asdict(value))
             else:
                 out[f.name] = value
+        out.update(self._schedule_dict())
         out["interpretations"] = self.interpretations
+        return out
+
+    def _schedule_dict(self) -> dict[str, Any]:
+        """The schedule as plain data, leaving out what equals the paper's default (built from the
+        protocol's sections): a study that spells out the paper's schedule has the default's hash,
+        and so does every run folder made before schedules existed."""
+        if self.schedule is None and self.regimens is None:
+            return {}
+        from virtualpatient.phases import paper_regimen, paper_spine
+
+        out: dict[str, Any] = {}
+        if self.schedule is not None:
+            spine = [p.to_dict() for p in self.schedule]
+            if spine != [p.to_dict() for p in paper_spine(self)]:
+                out["schedule"] = spine
+        if self.regimens is not None:
+            regimens = {name: [p.to_dict() for p in phases] for name, phases in self.regimens.items()}
+            default = {arm: [p.to_dict() for p in paper_regimen(self, arm)] for arm in self.arms}
+            if regimens != default:
+                out["regimens"] = regimens
         return out
 
     def hash(self) -> str:
