@@ -213,3 +213,42 @@ def test_python_phases_are_validated_with_clear_errors():
         Washout(decay=2.0)
     with pytest.raises(TypeError, match="list of phases"):
         ClinicalTrial(load_study(TINY), schedule="train, lesion")
+
+
+def _custom_trial(**kwargs) -> ClinicalTrial:
+    """The tiny study with a schedule using a scarring spine, a fork outside a probe, a condition and a repeat."""
+    from virtualpatient.phases import Discontinue, Maintain
+
+    spine = [Train(), Lesion(scar=True), Assess(label="pruned", tests=("sparsity", "combined"))]
+    regimens = {
+        "a": [Treat(arm="ketamine"), Maintain(epochs=(1, 2)), Discontinue(), Washout(steps=2, threshold=100.0),
+              Stress(further=0.2, scar=True, when="relapsed"),
+              Repeat(times=2, phases=(Assess(label="cycle", tests=("sparsity", "combined"), drop_from="pruned"),))],
+        "b": [Treat(arm="neurosteroid"),
+              Probe(phases=(Stress(further=0.3), Assess(label="probe", tests=("combined",))))],
+    }
+    return ClinicalTrial(load_study(TINY), schedule=spine, regimens=regimens, progress=False, **kwargs)
+
+
+def test_any_schedule_resumes_and_runs_on_an_executor(tmp_path):
+    """For a schedule unlike the paper's (scars and the clock carried from the spine's unit into the
+    regimens', forks, conditions, repeats): an executor (protocol and states as plain data, one patient
+    per unit) gives the in-process table exactly; a run folder missing some finished units (as after a
+    kill) recomputes only those and writes the same results.csv."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = tmp_path / "run"
+    reference = _custom_trial().run(out=out)
+    assert set(reference.arm) == {"untreated", "a", "b"}
+    assert (reference[reference.phase == "cycle"].groupby("patient").cycle.unique().map(list) == [[1, 2]] * 3).all()
+    with ThreadPoolExecutor(2) as pool:
+        pooled = _custom_trial(executor=pool, patients_per_unit=1).run()
+    pd.testing.assert_frame_equal(pooled, reference, check_exact=True)
+    units = out / "units"
+    lost = [units / "a" / "p0001.json", units / "baseline" / "p0002.pt", units / "b" / "p0002.json"]
+    kept = {p: p.read_bytes() for p in (out / "units").rglob("p*") if p not in lost}
+    for p in lost:
+        p.unlink()
+    again = _custom_trial(patients_per_unit=1).run(out=out)
+    pd.testing.assert_frame_equal(again, reference, check_exact=True)
+    assert all(p.exists() for p in lost) and all(p.read_bytes() == b for p, b in kept.items())
