@@ -30,7 +30,8 @@ import pandas as pd
 
 from virtualpatient.cohort import COVARIATES, Cohort, PatientSpec
 from virtualpatient.patient import PatientBatch
-from virtualpatient.phases import (
+from virtualpatient.phases import (  # DISCONTINUED: re-exported for benchmarks/bench_levers.py
+    DISCONTINUED,
     SPINE,
     Context,
     Fork,
@@ -44,7 +45,8 @@ from virtualpatient.phases import (
 from virtualpatient.protocol import Protocol
 from virtualpatient.store import RunStore
 
-__all__ = ["COLUMNS", "SCHEDULE_COLUMNS", "ClinicalTrial", "TrainingDivergedError", "run_arm", "run_baseline"]
+__all__ = ["COLUMNS", "DISCONTINUED", "SCHEDULE_COLUMNS", "ClinicalTrial", "TrainingDivergedError", "run_arm",
+           "run_baseline"]
 
 COLUMNS = ["patient", "arm", "phase", "metric", "condition", "noise_sigma", "maintenance_epochs", "step", "value"]
 #: Columns that place a row in a schedule, after the covariates: the trial clock (training epochs
