@@ -7,6 +7,7 @@ The modules each hold one concept:
 - :mod:`analysis.stats` - within-patient arm comparisons;
 - :mod:`analysis.longitudinal` - relapse GEE and wash-out mixed model;
 - :mod:`analysis.survival` - time to relapse during wash-out;
+- :mod:`analysis.trajectories` - any metric per arm over trial time or cycles (any schedule);
 - :mod:`analysis.figures` - the figures;
 - :mod:`analysis.claims` - the paper's qualitative claims, each decided by a test;
 - :mod:`analysis.report` - ``report.md`` / ``report.html`` from a run folder;
@@ -35,6 +36,7 @@ __all__ = [
     "survival",
     "synthetic",
     "tables",
+    "trajectories",
 ]
 
 #: Every public name but the three functions imported above is a module, loaded on first use.
