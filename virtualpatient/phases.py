@@ -238,6 +238,7 @@ class Context:
         self.weights: dict[int, list[torch.Tensor]] = {}
 
     def stream(self, key: str, rooted: bool = True) -> str:
+        """The stream name of ``key`` for the phase execution now running (``rooted``: under the branch)."""
         name = (self.branch if not key else f"{self.branch}/{key}") if rooted else key
         users = self._streams.setdefault(name, [])
         if self.exec_id not in users:
@@ -246,6 +247,7 @@ class Context:
         return name if n == 0 else f"{name}#{n + 1}"
 
     def on_epoch(self, n: int) -> Tick:
+        """A per-epoch callback advancing the progress bar by ``n`` patient-epochs."""
         return None if self.tick is None else (lambda _epoch: self.tick(n))
 
     def guard(self, group: Group, what: str, fn: Callable[[], Any]) -> Any:
@@ -271,6 +273,7 @@ class Context:
         return rows
 
     def capture(self, group: Group) -> None:
+        """Keep each unforked patient's weight matrices, the first time it is called for that patient."""
         for i, s in enumerate(group.batch.specs):
             if not group.keys[i] and s.index not in self.weights:
                 self.weights[s.index] = [w[i].detach().cpu() for w in group.batch.params.weights]
@@ -285,8 +288,8 @@ class Phase:
     :func:`register_phase`; a leaf phase implements :meth:`apply`, a container :meth:`run`.
     """
 
+    #: The name a study file uses (set by :func:`register_phase`).
     kind: ClassVar[str] = ""
-    #: Keys of the random streams a run draws from (registered even when no patient meets ``when``).
     label: str = "phase"
     when: Literal["always", "relapsed", "remitted"] = "always"
 
@@ -300,6 +303,7 @@ class Phase:
         return [group], rows
 
     def stream_keys(self) -> tuple[str, ...]:
+        """Keys of the random streams a run draws from (registered even when no patient meets ``when``)."""
         return ()
 
     def declare(self, ctx: Context) -> None:
@@ -312,9 +316,11 @@ class Phase:
         return 0
 
     def children(self) -> tuple[Phase, ...]:
+        """The phases of a block (a repeat's, a probe's); none for a leaf."""
         return ()
 
     def to_dict(self) -> dict[str, Any]:
+        """The phase as a study-file table (unset defaults left out), nested phases included."""
         out: dict[str, Any] = {"phase": self.kind}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
