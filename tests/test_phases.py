@@ -187,3 +187,16 @@ def test_stress_training_is_noisy_and_masked_and_restores_the_modulation(make_pr
     assert any(not torch.equal(w, v) for w, v in zip(params.weights, w0))
     assert all(bool((w[m == 0] == 0).all()) for w, m in zip(params.weights, params.masks))
     assert group.batch.modulation == mod and group.clock == [1.0, 1.0]
+
+
+def test_lesion_by_a_further_share_prunes_that_share_of_what_remains(make_protocol, make_patients):
+    """lesion(further = 0.5) after a 90 % lesion leaves each matrix at 0.9 + 0.5 x 0.1 = 95 % sparsity
+    (within one entry per layer), and further together with fraction is refused."""
+    protocol = make_protocol()
+    group = _group(make_patients, protocol, prune=False)
+    run_schedule([Lesion(fraction=0.9), Lesion(further=0.5)], [group], Context(protocol, "arm"))
+    for m in group.batch.params.masks:
+        zeros = (m == 0).flatten(1).double().mean(1).numpy()
+        np.testing.assert_allclose(zeros, 0.95, atol=1.0 / m[0].numel() + 1e-9)
+    with pytest.raises(ValueError, match="not both"):
+        Lesion(fraction=0.9, further=0.5)

@@ -393,18 +393,30 @@ class Lesion(Phase):
 
     ``fraction`` defaults to each patient's ``prune_fraction`` covariate, else
     ``protocol.pruning.fraction``; ``layers`` to ``protocol.pruning.layers`` (``"all"``: each matrix
-    on its own; ``"hidden"``: one threshold over the hidden matrices, the text's reading). With
-    ``scar`` the pruned positions become a persistent scar that regrowth may not undo. The first
-    lesion of the spine is time 0 of the trial clock.
+    on its own; ``"hidden"``: one threshold over the hidden matrices, the text's reading). Instead of
+    a fraction, ``further`` prunes that share of what remains (each chosen matrix to
+    ``s + further (1 - s)``, as :class:`Stress` does). With ``scar`` the pruned positions become a
+    persistent scar that regrowth may not undo. The first lesion of the spine is time 0 of the
+    trial clock.
     """
 
     label: str = "lesion"
     fraction: float | None = Field(None, ge=0, lt=1)
+    further: float | None = Field(None, gt=0, lt=1)
     layers: Literal["all", "hidden"] | None = None
     scar: bool = False
 
+    @model_validator(mode="after")
+    def _one_target(self) -> Lesion:
+        if self.fraction is not None and self.further is not None:
+            raise ValueError("give fraction (a sparsity) or further (a share of what remains), not both")
+        return self
+
     def apply(self, group: Group, ctx: Context) -> list[Row]:
         b = group.batch
+        if self.further is not None:
+            Stress(further=self.further, layers=self.layers or "lesion", scar=self.scar).apply(group, ctx)
+            return []
         default = ctx.protocol.pruning.fraction if self.fraction is None else self.fraction
         fractions = [f if self.fraction is None and not math.isnan(f) else default
                      for f in b.covariate("prune_fraction")]
