@@ -4,16 +4,27 @@
 previous run on the same folder finished, and prints Tables 1-4 beside the published values.
 ``virtualpatient report RUN_DIR`` rebuilds the reproduction report from a run folder's data alone.
 
-Every expected failure (bad study file, unwritable or foreign run folder, damaged result file,
-diverged training) ends with exit status 2 and one line on standard error, never a traceback.
+Every expected failure (bad study file, flag or environment setting, unwritable or foreign run
+folder, damaged result file, diverged training, a run too large for the machine) ends with exit
+status 2 and one line on standard error that names the file, field or flag at fault. Anything else
+is a bug: one line with the path of a log file holding the traceback, exit status 1. SIGINT and
+SIGTERM, at any moment, end with one line; finished units stay and the same command resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import tempfile
+import threading
+import time
+import traceback
 import warnings
 from pathlib import Path
+
+from virtualpatient.errors import UsageError, VirtualPatientError
+from virtualpatient.limits import MAX_PATIENTS, MAX_SEED, MAX_WORKERS
 
 __all__ = ["main"]
 
@@ -25,20 +36,40 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"virtualpatient: error: {message} (see {self.prog} --help)\n")
 
 
+def _bounded(low: int, high: int):
+    """An argparse type: an integer in ``[low, high]`` (argparse names the flag in its message)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must lie in [{low}, {high}], got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="virtualpatient", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     rep = sub.add_parser("reproduce", help="run a study and print the paper's tables beside ours")
     rep.add_argument("--study", type=Path, help="TOML study file (default: the paper's protocol)")
-    rep.add_argument("--patients", type=int, help="number of patients (overrides the study)")
-    rep.add_argument("--seed", type=int, help="study seed (overrides the study)")
+    rep.add_argument("--patients", type=_bounded(1, MAX_PATIENTS), help="number of patients (overrides the study)")
+    rep.add_argument("--seed", type=_bounded(0, MAX_SEED), help="study seed (overrides the study)")
     rep.add_argument("--out", type=Path, help="run folder (default: runs/<study>-<protocol hash>)")
-    rep.add_argument("--patients-per-unit", type=int, help="patients trained together in one unit")
+    rep.add_argument("--patients-per-unit", type=_bounded(1, MAX_PATIENTS),
+                     help="patients trained together in one unit")
     rep.add_argument("--device", choices=["cpu", "cuda"], help="where tensors live (overrides the study)")
     dask = rep.add_mutually_exclusive_group()
-    dask.add_argument("--workers", type=int, help="run units on a local Dask cluster of N processes (dask extra)")
+    dask.add_argument("--workers", type=_bounded(1, MAX_WORKERS),
+                      help="run units on a local Dask cluster of N processes (dask extra)")
     dask.add_argument("--scheduler", help="run units on the Dask cluster at this address, e.g. tcp://host:8786")
+    rep.add_argument("--yes", action="store_true",
+                     help="run even if the estimated peak memory exceeds the memory available")
     rep.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     report = sub.add_parser("report", help="write report.md/report.html from a run folder")
@@ -56,13 +87,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _reproduce(args: argparse.Namespace) -> int:
+    from virtualpatient import limits, sparse
     from virtualpatient.protocol import Protocol, load_study
     from virtualpatient.store import CodeChangedWarning
     from virtualpatient.trial import ClinicalTrial
 
-    for flag, value in (("--patients-per-unit", args.patients_per_unit), ("--workers", args.workers)):
-        if value is not None and value < 1:
-            return _fail(f"{flag} must be >= 1, got {value}")
+    sparse.sparse_setting()  # a bad environment switch is refused before any work
     overrides = {}
     if args.patients is not None:
         overrides["n_patients"] = args.patients
@@ -74,7 +104,16 @@ def _reproduce(args: argparse.Namespace) -> int:
         protocol = load_study(args.study, **overrides)
     else:
         protocol = Protocol.from_dict(overrides, source="command line")
+    if protocol.device == "cuda":
+        _check_cuda("--device cuda" if args.device else f"{args.study or 'the protocol'}: device")
     out = args.out or Path("runs") / f"{protocol.name}-{protocol.hash()[:8]}"
+    plan = ClinicalTrial(protocol, patients_per_unit=args.patients_per_unit, progress=False)
+    est = limits.estimate(protocol, plan.epochs_per_patient(), plan.patients_per_unit, args.workers or 1)
+    if est.worth_saying or not est.fits:
+        print(f"estimate: {est.describe()}", flush=True)
+    if not est.fits and not args.yes:
+        raise UsageError(f"this run would need more memory than is available ({est.describe()}); "
+                         "lower --patients-per-unit or --patients, or pass --yes to try anyway")
     print(f"study {protocol.name}: {protocol.n_patients} patients, arms {', '.join(protocol.arms)}; "
           f"run folder {out}", flush=True)
     with _executor(args) as executor, warnings.catch_warnings():
@@ -88,6 +127,14 @@ def _reproduce(args: argparse.Namespace) -> int:
     print(format_tables(results, protocol=protocol.to_dict()))
     print(f"\nresults: {out / 'results.csv'}   report: virtualpatient report {out}")
     return 0
+
+
+def _check_cuda(source: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise UsageError(f"{source}: cuda was asked for, but {why}; use --device cpu")
 
 
 class _executor:
@@ -122,24 +169,58 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``virtualpatient`` console script; returns the exit status."""
-    from virtualpatient.distributed import DistributedError
-    from virtualpatient.protocol import ProtocolError
-    from virtualpatient.store import RunStoreError
-    from virtualpatient.trial import TrainingDivergedError
+class _Terminated(BaseException):
+    """Raised in the main thread by SIGTERM, so it unwinds like Ctrl-C (locks released, tmp files removed)."""
 
-    args = _parser().parse_args(argv)
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated
+
+
+def _crash_log(exc: BaseException) -> str:
+    """Write the traceback of an unexpected exception to a new log file; return its path."""
+    fd, path = tempfile.mkstemp(prefix=f"virtualpatient-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log")
+    with open(fd, "w") as fh:
+        fh.write(f"virtualpatient {' '.join(sys.argv[1:])}\n\n")
+        traceback.print_exception(exc, file=fh)
+    return path
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) if str(exc).strip() else type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``virtualpatient`` console script; returns the exit status.
+
+    Exit status 0 on success, 2 for every expected failure and for an interruption (one line on
+    standard error each), 1 for a bug (one line naming a log file with the traceback).
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
+        args = _parser().parse_args(argv)
         if args.command == "reproduce":
             return _reproduce(args)
         return _report(args)
-    except ProtocolError as exc:
-        return _fail(str(exc).replace("\n", "; "))
-    except (RunStoreError, TrainingDivergedError, DistributedError) as exc:
-        return _fail(str(exc).replace("\n", "; "))
-    except KeyboardInterrupt:
-        return _fail("interrupted; finished units are kept, run the same command again to resume")
+    except VirtualPatientError as exc:
+        return _fail(_one_line(exc))
+    except (KeyboardInterrupt, _Terminated) as exc:
+        which = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
+        return _fail(f"interrupted ({which}); finished units are kept, run the same command again to resume")
+    except MemoryError:
+        return _fail("out of memory; lower --patients-per-unit or --patients (finished units are kept)")
+    except Exception as exc:  # noqa: BLE001 - the one place a bug becomes one line and a log file
+        try:
+            where = f"traceback in {_crash_log(exc)}"
+        except OSError:
+            where = "no log file could be written"
+        print(f"virtualpatient: internal error: {type(exc).__name__}: {_one_line(exc)[:200]} ({where}; "
+              "please report it)", file=sys.stderr)
+        return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

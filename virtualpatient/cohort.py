@@ -32,6 +32,8 @@ import torch
 from pydantic import ConfigDict, ValidationInfo, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
+from virtualpatient.limits import MAX_SCALE
+
 __all__ = ["Cohort", "CohortConfig", "Distribution", "PatientSpec", "stream_seed"]
 
 COVARIATES = ("prune_fraction", "regrowth_fraction", "lr_scale")
@@ -48,7 +50,7 @@ DISTRIBUTION_PARAMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 COVARIATE_LIMITS: dict[str, tuple[float, float, bool, bool]] = {
     "prune_fraction": (0.0, 1.0, True, False),
     "regrowth_fraction": (0.0, 1.0, True, True),
-    "lr_scale": (0.0, np.inf, False, False),
+    "lr_scale": (0.0, MAX_SCALE, False, True),
 }
 
 

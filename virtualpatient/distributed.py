@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import logging
 
+from virtualpatient.errors import VirtualPatientError
+
 __all__ = ["DistributedError", "close", "connect", "torch_threads_plugin"]
 
 INSTALL_HINT = "install the dask extra: pip install -e '.[dask]'"
 
 
-class DistributedError(RuntimeError):
+class DistributedError(VirtualPatientError, RuntimeError):
     """The Dask backend cannot be used (not installed, scheduler unreachable, bad arguments)."""
 
 

@@ -57,6 +57,8 @@ from pathlib import Path
 
 import torch
 
+from virtualpatient.errors import UsageError
+
 __all__ = [
     "Pattern",
     "add_noise_t",
@@ -400,15 +402,32 @@ def kernels_available() -> bool:
     return _native_lib() is not None
 
 
+#: The values of the ``VIRTUALPATIENT_SPARSE`` environment switch.
+SPARSE_CHOICES = ("auto", "native", "torch", "off")
+
+
+def sparse_setting() -> str:
+    """The ``VIRTUALPATIENT_SPARSE`` switch, validated (``"auto"`` when unset).
+
+    Raises
+    ------
+    UsageError
+        The variable holds another value (the message names the variable and the values it takes).
+    """
+    choice = os.environ.get("VIRTUALPATIENT_SPARSE", "auto").strip().lower() or "auto"
+    if choice not in SPARSE_CHOICES:
+        raise UsageError(f"environment variable VIRTUALPATIENT_SPARSE must be one of {', '.join(SPARSE_CHOICES)}, "
+                         f"got {choice!r}")
+    return choice
+
+
 def backend(device: torch.device | str) -> str:
     """The sparse backend used on ``device``: ``"native"``, ``"torch"`` or ``"off"`` (dense matmuls).
 
     ``VIRTUALPATIENT_SPARSE`` overrides the default, which is ``native`` on CPU when the kernels
     compile, ``torch`` on CPU otherwise, and ``off`` on GPUs (dense matmuls are fast there).
     """
-    choice = os.environ.get("VIRTUALPATIENT_SPARSE", "auto").lower()
-    if choice not in ("auto", "native", "torch", "off"):
-        raise ValueError(f"VIRTUALPATIENT_SPARSE must be auto, native, torch or off, got {choice!r}")
+    choice = sparse_setting()
     is_cpu = torch.device(device).type == "cpu"
     if choice == "auto":
         if not is_cpu:

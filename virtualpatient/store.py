@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from virtualpatient.errors import VirtualPatientError
+
 __all__ = ["CodeChangedWarning", "RunStore", "RunStoreError", "code_hash", "environment"]
 
 TMP_SUFFIX = ".tmp"
@@ -50,7 +52,7 @@ def _umask() -> int:
 _PRE_MANIFEST = {".lock", "protocol.json"}
 
 
-class RunStoreError(RuntimeError):
+class RunStoreError(VirtualPatientError, RuntimeError):
     """The run folder cannot be used (other protocol, corrupted file, locked, not writable)."""
 
 

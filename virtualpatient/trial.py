@@ -33,6 +33,7 @@ from virtualpatient import plasticity
 from virtualpatient.assessments import ACUTE, OFF_MEDICATION, assess
 from virtualpatient.assessments import biased as biased_test
 from virtualpatient.cohort import COVARIATES, Cohort, PatientSpec
+from virtualpatient.errors import VirtualPatientError
 from virtualpatient.network import Modulation, NoiseSource, NonFiniteError, Params
 from virtualpatient.patient import PatientBatch
 from virtualpatient.protocol import Protocol
@@ -50,7 +51,7 @@ DISCONTINUED = Modulation()
 Tick = Callable[[int], None] | None
 
 
-class TrainingDivergedError(FloatingPointError):
+class TrainingDivergedError(VirtualPatientError, FloatingPointError):
     """A training step produced NaN or inf; the message names patients, arm, phase and epoch."""
 
 
