@@ -58,8 +58,9 @@ def main() -> None:
     if args.rounds < 1 or args.patients < 1:
         parser.error("--rounds and --patients must be >= 1")
     isa = "avx512" if "avx512f" in Path("/proc/cpuinfo").read_text() else "avx2-or-less"
+    env = {k: os.environ.get(k, "default") for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
     print(f"machine  {platform.processor() or platform.machine()}  isa {isa}  cpus {os.cpu_count()}  threads 1  "
-          f"capability {os.environ.get('ATEN_CPU_CAPABILITY', 'default')}  onednn {os.environ.get('ONEDNN_MAX_CPU_ISA', 'default')}")
+          f"capability {env['ATEN_CPU_CAPABILITY']}  onednn {env['ONEDNN_MAX_CPU_ISA']}")
     times: dict[str, list[float]] = {"base": [], "head": []}
     checks: dict[str, set] = {"base": set(), "head": set()}
     for r in range(args.rounds):
