@@ -32,7 +32,7 @@ __all__ = ["PatientBatch", "VirtualPatient"]
 
 
 class PatientBatch:
-    """P patients sharing a schedule: stacked parameters, their data, and a shared modulation.
+    """P patients sharing a schedule: stacked parameters, their data, and their modulation.
 
     Parameters
     ----------
@@ -43,7 +43,10 @@ class PatientBatch:
     params
         Stacked parameters; freshly initialised from each patient's ``init`` stream if omitted.
     modulation
-        The current neuromodulatory state (gain, damping, activation, noise, protection).
+        The current neuromodulatory state (gain, damping, activation, noise, protection); gain,
+        damping, noise and protection are shared floats or one value per patient
+        (:class:`~virtualpatient.network.Modulation`). The patients' ``gain_sensitivity`` and
+        ``protection_scale`` covariates act on top of it (:meth:`effective_modulation`).
 
     Examples
     --------
@@ -52,6 +55,9 @@ class PatientBatch:
     >>> batch = PatientBatch([PatientSpec(i, protocol.seed) for i in range(3)], protocol)
     >>> len(batch), tuple(batch.params.weights[1].shape)
     (3, (3, 512, 512))
+    >>> batch.modulation = batch.modulation.replace(gain=[1.0, 1.25, 1.6])   # one gain per patient
+    >>> batch.select([2]).modulation.gain
+    1.6
     """
 
     def __init__(self, specs: Sequence[PatientSpec], protocol, params: Params | None = None,
@@ -69,6 +75,46 @@ class PatientBatch:
         self.modulation = modulation or Modulation()
         self._data = data
 
+    @property
+    def modulation(self) -> Modulation:
+        """The (nominal) modulation: shared values, or one per patient of this batch."""
+        return self._modulation
+
+    @modulation.setter
+    def modulation(self, value: Modulation) -> None:
+        if not isinstance(value, Modulation):
+            raise TypeError(f"modulation must be a Modulation, got {type(value).__name__}")
+        self._modulation = value.check(len(self.specs))
+
+    def effective_modulation(self, mod: Modulation | None = None) -> Modulation:
+        """What the engine sees: ``mod`` (default: :attr:`modulation`) with each patient's state
+        covariates applied.
+
+        A patient's ``gain_sensitivity`` ``s`` makes its gain ``1 + s (gain - 1)``; its
+        ``protection_scale`` ``c`` makes its protection ``c * protection``. A patient without them
+        (or with 1) keeps the value as it is, and a batch where no patient has them gets ``mod``
+        itself, so the engine's shared-value path and its numbers are unchanged.
+
+        Examples
+        --------
+        >>> from virtualpatient import Protocol
+        >>> p = Protocol()
+        >>> batch = PatientBatch([PatientSpec(0, 0, {"gain_sensitivity": 0.5}), PatientSpec(1, 0)], p)
+        >>> batch.effective_modulation(Modulation(gain=1.6)).gain
+        (1.3, 1.6)
+        """
+        mod = (mod or self.modulation).check(len(self))
+        sensitivity = [_unset_is_one(v) for v in self.covariate("gain_sensitivity")]
+        response = [_unset_is_one(v) for v in self.covariate("protection_scale")]
+        changes: dict[str, list[float]] = {}
+        if any(s != 1.0 for s in sensitivity):
+            changes["gain"] = [g if s == 1.0 else 1.0 + s * (g - 1.0)
+                               for g, s in zip(mod.values("gain", len(self)), sensitivity)]
+        if any(c != 1.0 for c in response):
+            changes["protection"] = [p if c == 1.0 else c * p
+                                     for p, c in zip(mod.values("protection", len(self)), response)]
+        return mod.replace(**changes) if changes else mod
+
     # -- identity and randomness -------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.specs)
@@ -85,6 +131,7 @@ class PatientBatch:
         return NoiseSource(self.generators(stream))
 
     def covariate(self, name: str) -> list[float]:
+        """Each patient's value of covariate ``name`` (NaN where it has none)."""
         return [s.covariates.get(name, math.nan) for s in self.specs]
 
     @property
@@ -104,12 +151,14 @@ class PatientBatch:
         return PatientBatch(self.specs, self.protocol, self.params, modulation, self._data)
 
     def select(self, positions: Sequence[int]) -> PatientBatch:
+        """The sub-batch of the given positions (a copy), with their per-patient modulation."""
+        positions = list(positions)
         data = None
         if self._data is not None:
-            idx = torch.as_tensor(list(positions), device=self.device)
+            idx = torch.as_tensor(positions, device=self.device)
             data = TaskData(*(getattr(self._data, f).index_select(0, idx) for f in TaskData.__dataclass_fields__))
         return PatientBatch([self.specs[i] for i in positions], self.protocol,
-                            self.params.select(positions), self.modulation, data)
+                            self.params.select(positions), self.modulation.take(positions), data)
 
     def split(self) -> list[VirtualPatient]:
         """One :class:`VirtualPatient` per patient (copies)."""
@@ -117,12 +166,20 @@ class PatientBatch:
 
     @classmethod
     def stack(cls, batches: Sequence[PatientBatch]) -> PatientBatch:
-        """Concatenate batches that share protocol and modulation."""
+        """Concatenate batches that share protocol and activation; the other modulation values
+        become per-patient where the batches differ (shared where they agree).
+
+        Raises
+        ------
+        ValueError
+            For no batches, or batches with different activations.
+        """
+        if not batches:
+            raise ValueError("nothing to stack")
         first = batches[0]
-        if any(b.modulation != first.modulation for b in batches):
-            raise ValueError("only batches with the same modulation can be stacked")
         specs = [s for b in batches for s in b.specs]
-        return cls(specs, first.protocol, Params.cat([b.params for b in batches]), first.modulation)
+        mod = Modulation.cat([(b.modulation, len(b)) for b in batches])
+        return cls(specs, first.protocol, Params.cat([b.params for b in batches]), mod)
 
     # -- plasticity --------------------------------------------------------------------------
     def learning_rates(self, base: float, scaled: bool = True) -> torch.Tensor:
@@ -145,7 +202,8 @@ class PatientBatch:
             Epoch counts at which to keep a copy of the parameters (nested maintenance).
         """
         mod = self.modulation
-        schedule = schedule or (lambda epoch: mod)
+        nominal = schedule or (lambda epoch: mod)
+        schedule = lambda epoch: self.effective_modulation(nominal(epoch))  # noqa: E731
         return network.train(
             self.params, self.data.train_x, self.data.train_y, epochs=epochs,
             lr=self.learning_rates(lr, scale_lr), batch_size=self.protocol.baseline.batch_size,
@@ -184,14 +242,15 @@ class PatientBatch:
                  noise: NoiseSource | None = None) -> torch.Tensor:
         """Per-patient accuracy (percent) on the ``"standard"`` or ``"clean"`` test set.
 
-        ``mod`` overrides the current modulation; ``input_sd`` adds N(0, input_sd^2) to the inputs;
-        noise comes from ``noise`` or the named stream.
+        ``mod`` overrides the current (nominal) modulation; the patients' state covariates act on
+        top of either (:meth:`effective_modulation`). ``input_sd`` adds N(0, input_sd^2) to the
+        inputs; noise comes from ``noise`` or the named stream.
         """
         if test not in ("standard", "clean", "train"):
             raise ValueError(f"unknown test set {test!r} (standard, clean or train)")
         x, y = getattr(self.data, f"{test}_x"), getattr(self.data, f"{test}_y")
-        mod = mod or self.modulation
-        if noise is None and (input_sd > 0 or mod.noise_sigma > 0 or biased is not None):
+        mod = self.effective_modulation(mod)
+        if noise is None and (input_sd > 0 or mod.noisy or biased is not None):
             if noise_stream is None:
                 raise ValueError("a noisy test needs a noise stream")
             noise = self.noise(noise_stream)
@@ -202,7 +261,7 @@ class PatientBatch:
     @torch.no_grad()
     def activation_magnitude(self, mod: Modulation | None = None) -> torch.Tensor:
         """Mean ``|act(W h + b) * damping * gain|`` over hidden layers, standard set, no noise (fact 6)."""
-        mod = (mod or self.modulation).replace(noise_sigma=0.0, protection=0.0)
+        mod = self.effective_modulation((mod or self.modulation).replace(noise_sigma=0.0, protection=0.0))
         mags: list[torch.Tensor] = []
         network.forward(self.params, self.data.standard_x, mod, self.protocol.stabiliser, magnitudes=mags)
         return torch.stack(mags).mean(0)
@@ -220,8 +279,19 @@ class PatientBatch:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], protocol) -> PatientBatch:
+        """Rebuild a batch from :meth:`state_dict` (per-patient modulation included).
+
+        Raises
+        ------
+        ValueError
+            When the state is incomplete or holds another architecture than ``protocol``'s.
+        """
+        missing = [k for k in ("specs", "weights", "biases", "masks", "modulation") if k not in state]
+        if missing:
+            raise ValueError(f"not a patient state: missing {', '.join(missing)}")
         params = Params(list(state["weights"]), list(state["biases"]), list(state["masks"]))
         specs = [PatientSpec.from_dict(s) for s in state["specs"]]
+        check_architecture(params, len(specs), protocol.network.layer_sizes)
         return cls(specs, protocol, params, Modulation(**state["modulation"]))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -236,6 +306,37 @@ class PatientBatch:
     @classmethod
     def load(cls, path, protocol) -> PatientBatch:
         return cls.from_state_dict(torch.load(path, weights_only=True), protocol)
+
+
+def _unset_is_one(value: float) -> float:
+    return 1.0 if math.isnan(value) else value
+
+
+def _sizes(layer_sizes: Sequence[int]) -> str:
+    return "-".join(str(s) for s in layer_sizes)
+
+
+def check_architecture(params: Params, n_patients: int, layer_sizes: Sequence[int]) -> None:
+    """Check that stacked parameters are ``n_patients`` networks of ``layer_sizes``.
+
+    Raises
+    ------
+    ValueError
+        Naming the architecture found and the one expected.
+    """
+    groups = (params.weights, params.biases, params.masks)
+    if len({len(g) for g in groups}) != 1 or not params.weights:
+        raise ValueError("a patient state needs as many weights, biases and masks, at least one of each")
+    found = [int(params.weights[0].shape[-1])] + [int(w.shape[-2]) for w in params.weights] \
+        if all(w.ndim == 3 for w in params.weights) else None
+    ok = found == list(layer_sizes)
+    for w, b, m, fan_in, fan_out in zip(*groups, layer_sizes[:-1], layer_sizes[1:]):
+        ok = ok and tuple(w.shape) == tuple(m.shape) == (n_patients, fan_out, fan_in) \
+            and tuple(b.shape) == (n_patients, fan_out)
+    if not ok:
+        what = _sizes(found) if found else "tensors of shapes " + str([tuple(w.shape) for w in params.weights])
+        raise ValueError(f"the state holds {what} networks ({len(params.weights)} weight matrices) for "
+                         f"{n_patients} patient(s), but the protocol's architecture is {_sizes(layer_sizes)}")
 
 
 class VirtualPatient(PatientBatch):
