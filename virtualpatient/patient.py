@@ -648,6 +648,9 @@ class VirtualPatient(PatientBatch):
 
         if not isinstance(state, dict):
             raise ValueError(f"not a patient state: a {type(state).__name__}")
+        missing = [k for k in ("specs", "weights", "biases", "masks", "modulation") if k not in state]
+        if missing:
+            raise ValueError(f"not a patient state: missing {', '.join(missing)}")
         if protocol is None:
             if "protocol" not in state:
                 raise ValueError("this state holds no protocol: pass the protocol it was made with")
