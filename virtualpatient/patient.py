@@ -468,8 +468,9 @@ class VirtualPatient(PatientBatch):
     @property
     def state(self) -> dict[str, Any]:
         """The state the network is in, as plain numbers: ``gain``, ``damping``, ``noise_sigma`` and
-        ``protection`` as the engine sees them (covariates applied: :meth:`effective_modulation`;
-        :attr:`modulation` holds the nominal values), ``activation``, and ``sparsity`` in percent."""
+        ``protection`` as handed to the engine (covariates applied: :meth:`effective_modulation`;
+        :attr:`modulation` holds the nominal values; the gain is before the stabiliser's cap,
+        :func:`~virtualpatient.stabiliser.effective_gain`), ``activation``, and ``sparsity`` in percent."""
         mod = self.effective_modulation()
         out: dict[str, Any] = {name: mod.values(name)[0] for name in ("gain", "damping", "noise_sigma", "protection")}
         out["activation"] = mod.activation
