@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from virtualpatient import PatientBatch, PatientSpec, VirtualPatient, sparse
+from virtualpatient import PatientBatch, PatientSpec, Protocol, VirtualPatient, sparse
 from virtualpatient.assessments import ACUTE, assess
 from virtualpatient.assessments import biased as biased_test
 from virtualpatient.cohort import COVARIATES, Cohort, CohortConfig, Distribution
@@ -209,6 +209,17 @@ def test_state_covariates_come_from_the_cohort_and_are_recorded_only_when_set():
     assert all(set(s.covariates) == set(COVARIATES) for s in plain)
     with pytest.raises(ValueError, match="must lie in"):
         CohortConfig(protection_scale=1.5)
+
+
+def test_unset_state_covariates_leave_the_resolved_protocol_and_its_hash_alone():
+    """A protocol that sets no state covariate resolves to the cohort table it had before they
+    existed (so its hash, and resuming old run folders, are unchanged); one that sets them keeps
+    them through to_dict -> from_dict and hashes differently."""
+    plain = Protocol()
+    assert list(plain.to_dict()["cohort"]) == list(COVARIATES)
+    varied = Protocol.from_dict({"cohort": {"gain_sensitivity": 0.5}})
+    assert varied.to_dict()["cohort"]["gain_sensitivity"] == 0.5
+    assert Protocol.from_dict(varied.to_dict()).hash() == varied.hash() != plain.hash()
 
 
 # -- VirtualPatient ------------------------------------------------------------------------------
