@@ -34,7 +34,7 @@ import pydantic
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
-from virtualpatient.cohort import CohortConfig
+from virtualpatient.cohort import STATE_COVARIATES, CohortConfig
 from virtualpatient.errors import VirtualPatientError
 from virtualpatient.limits import (
     MAX_EPOCHS,
@@ -329,6 +329,11 @@ class Protocol:
                 out[f.name] = _plain(dataclasses.asdict(value))
             else:
                 out[f.name] = value
+        # Unset state covariates are left out, so a protocol that sets none hashes as before they existed
+        # (run folders made then still resume).
+        for name in STATE_COVARIATES:
+            if out["cohort"].get(name) is None:
+                out["cohort"].pop(name, None)
         out["interpretations"] = self.interpretations
         return out
 
