@@ -678,6 +678,7 @@ def write_report(run_dir: str | Path, *, n_resamples: int = 2000, seed: int = 0)
     run = load_run(run_dir)
     df = run.results
     with _report_lock(run.path):
+        _check_targets(run.path)  # before minutes of statistics, not after
         _remove_stale_tmp(run.path)
         staging = _in_run(run.path, _mkdtemp(run.path, ".figures"))
         try:
@@ -741,6 +742,22 @@ class _report_lock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _check_targets(run: Path) -> None:
+    """Refuse at once a folder whose report files cannot be replaced: report.md or report.html
+    that is not a file, figures/ that is not a folder (symbolic links are refused by ``inside``)."""
+    for name, is_kind, kind in (("report.md", stat.S_ISREG, "a file"), ("report.html", stat.S_ISREG, "a file"),
+                                (FIGURES_DIR, stat.S_ISDIR, "a folder")):
+        path = _in_run(run, name)
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise _cannot_write(run, exc) from None
+        if not is_kind(mode):
+            raise ReportError(f"{run}: cannot write the report ({name} is not {kind})")
 
 
 def _mkdtemp(run: Path, stem: str) -> str:
