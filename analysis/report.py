@@ -164,18 +164,22 @@ def _read_results(path: Path) -> pd.DataFrame:
         raise ReportError(f"{path}: cannot be read as a results table ({_first_line(exc)})") from None
     try:
         results = check_results(raw, name=str(path))
-    except (TypeError, ValueError) as exc:  # the message starts with the path
-        raise ReportError(_first_line(exc)) from None
+    except (TypeError, ValueError) as exc:  # the message starts with the path and a space
+        message = _first_line(exc)
+        if message.startswith(f"{path} "):
+            message = f"{path}: {message[len(str(path)) + 1:]}"
+        raise ReportError(message) from None
     if results.empty:
         raise ReportError(f"{path}: has a header but no rows")
-    numeric = results[["noise_sigma", "maintenance_epochs", "step", "value"]].to_numpy(dtype=float)
-    bad = np.isinf(numeric).any(axis=1) | np.isnan(numeric[:, 3])
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise ReportError(
-            f"{path}: row {row + 2} (line of the file) has an infinite or missing value; "
-            "a damaged file: rerun the study to rewrite it"
-        )
+    for col in ("noise_sigma", "maintenance_epochs", "step", "value"):
+        values = results[col].to_numpy(dtype=float)
+        bad = np.isinf(values) | (np.isnan(values) if col == "value" else False)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ReportError(
+                f"{path}: data row {row + 1} has {'a missing' if np.isnan(values[row]) else 'an infinite'} {col}; "
+                "a damaged file: rerun the study to rewrite it"
+            )
     return results
 
 

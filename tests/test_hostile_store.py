@@ -553,6 +553,10 @@ def _csv_damage(csv: Path, case: str) -> None:
         fields[i] = "inf"
         lines[7] = ",".join(fields)
         csv.write_text("\n".join([header, *lines]) + "\n")
+    elif case == "truncated last line":  # cut before its value, as a killed writer of old could leave it
+        i = header.split(",").index("value")
+        lines[-1] = ",".join(lines[-1].split(",")[:i])
+        csv.write_text("\n".join([header, *lines]))
     elif case == "non-integer patient":
         fields = lines[2].split(",")
         fields[header.split(",").index("patient")] = "x"
@@ -564,7 +568,8 @@ def _csv_damage(csv: Path, case: str) -> None:
 
 
 @pytest.mark.parametrize("case", ["binary garbage", "garbage after a valid header", "missing column", "empty file",
-                                  "header only", "non-numeric value", "infinite value", "non-integer patient"])
+                                  "header only", "non-numeric value", "infinite value", "truncated last line",
+                                  "non-integer patient"])
 def test_a_damaged_results_csv_raises_report_error_naming_it(synthetic, tmp_path, case):
     """Each damaged results.csv raises ReportError (one line, starting with the file's path) and
     leaves the previous report exactly as it was."""

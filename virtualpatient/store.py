@@ -601,7 +601,7 @@ def _unwrap(arm: str, payload: Any) -> Any:
         body = body["rows"]
     digest = payload.get("sha256")
     if not isinstance(digest, str) or _digest(body) != digest:
-        raise _UnitError("content does not match its SHA-256 digest (edited or damaged)")
+        raise _UnitError("content does not match its SHA-256 digest: edited or damaged")
     return body
 
 
