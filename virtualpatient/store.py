@@ -344,7 +344,7 @@ class RunStore:
         folders = [(self.path, "root"), (self.path / "weights", "weights")]
         units = self.path / "units"
         if _is_real_dir(units):
-            folders += [(units / name, "units") for name in sorted(os.listdir(units)) if _NAME_OK(name)]
+            folders += [(units / name, "units") for name in sorted(os.listdir(units)) if _valid_name(name)]
         for folder, kind in folders:
             if not _is_real_dir(folder):
                 continue
@@ -540,7 +540,7 @@ def _is_regular(path: Path) -> bool:
         return False
 
 
-def _NAME_OK(name: str) -> bool:  # noqa: N802 - reads as a predicate on names
+def _valid_name(name: str) -> bool:
     try:
         check_name(name, "arm")
     except ValueError:
