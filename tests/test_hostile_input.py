@@ -156,3 +156,14 @@ def test_sigint_while_importing_is_one_line(study, tmp_path):
     assert proc.returncode == 2
     assert err.strip().splitlines() == [
         "virtualpatient: error: interrupted (SIGINT); finished units are kept, run the same command again to resume"]
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe garbage \x00", b"", b"patient,arm\n0,ssri\n"],
+                         ids=["binary", "empty", "missing columns"])
+def test_report_on_a_damaged_results_table_is_one_line(content, tmp_path, capsys):
+    """`virtualpatient report` on a damaged results.csv: exit 2, one line naming the file, nothing written."""
+    (tmp_path / "results.csv").write_bytes(content)
+    assert main(["report", str(tmp_path)]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"virtualpatient: error: {tmp_path / 'results.csv'}: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]
