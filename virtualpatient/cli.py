@@ -21,6 +21,7 @@ import threading
 import time
 import traceback
 import warnings
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from virtualpatient.errors import UsageError, VirtualPatientError
@@ -64,9 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--patients-per-unit", type=_bounded(1, MAX_PATIENTS),
                      help="patients trained together in one unit")
     rep.add_argument("--device", choices=["cpu", "cuda"], help="where tensors live (overrides the study)")
+    rep.add_argument("--workers", type=_bounded(1, MAX_WORKERS),
+                     help="worker processes, one torch thread each (default: one per core; 1 runs in this "
+                          "process with torch's own threads)")
     dask = rep.add_mutually_exclusive_group()
-    dask.add_argument("--workers", type=_bounded(1, MAX_WORKERS),
-                      help="run units on a local Dask cluster of N processes (dask extra)")
+    dask.add_argument("--dask", action="store_true",
+                      help="run the --workers on a local Dask cluster instead of a process pool (dask extra)")
     dask.add_argument("--scheduler", help="run units on the Dask cluster at this address, e.g. tcp://host:8786")
     rep.add_argument("--yes", action="store_true",
                      help="run even if the estimated peak memory exceeds the memory available")
@@ -107,7 +111,17 @@ def _reproduce(args: argparse.Namespace) -> int:
     if protocol.device == "cuda":
         _check_cuda("--device cuda" if args.device else f"{args.study or 'the protocol'}: device")
     out = args.out or Path("runs") / f"{protocol.name}-{protocol.hash()[:8]}"
-    plan = ClinicalTrial(protocol, patients_per_unit=args.patients_per_unit, progress=False)
+    from virtualpatient.distributed import default_workers
+
+    if args.scheduler is None and args.workers is None:
+        # a run estimated under a minute stays in this process: starting workers costs seconds each
+        alone = ClinicalTrial(protocol, patients_per_unit=args.patients_per_unit, progress=False)
+        short = limits.estimate(protocol, alone.epochs_per_patient(), alone.patients_per_unit).seconds < 60
+        args.workers = 1 if short else default_workers()
+    per_unit = args.patients_per_unit
+    if per_unit is None and args.scheduler is None and args.workers > 1:
+        per_unit = -(-protocol.n_patients // args.workers)  # every worker busy from the first units on
+    plan = ClinicalTrial(protocol, patients_per_unit=per_unit, progress=False)
     est = limits.estimate(protocol, plan.epochs_per_patient(), plan.patients_per_unit, args.workers or 1)
     if est.worth_saying or not est.fits:
         print(f"estimate: {est.describe()}", flush=True)
@@ -119,7 +133,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     with _executor(args) as executor, warnings.catch_warnings():
         warnings.simplefilter("always", CodeChangedWarning)
         warnings.showwarning = _show_warning  # one line, restored by catch_warnings
-        trial = ClinicalTrial(protocol, executor=executor, patients_per_unit=args.patients_per_unit,
+        trial = ClinicalTrial(protocol, executor=executor, patients_per_unit=per_unit,
                               progress=not args.no_progress)
         results = trial.run(out=out)
     from analysis.tables import format_tables
@@ -138,23 +152,33 @@ def _check_cuda(source: str) -> None:
 
 
 class _executor:
-    """Context manager giving ``None`` (in-process) or a Dask executor, closed on exit."""
+    """Context manager giving where units run: ``None`` (in this process), a local process pool, or a
+    Dask executor; closed on exit, and a pool's workers ended at once if the run was interrupted."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args, self.client, self.cluster = args, None, None
+        self.args, self.client, self.cluster, self.pool = args, None, None, None
 
     def __enter__(self):
-        if self.args.workers is None and self.args.scheduler is None:
-            return None
+        args = self.args
+        if args.scheduler is None and not args.dask:
+            if args.workers == 1:
+                return None
+            from virtualpatient.distributed import local_pool
+
+            self.pool = local_pool(args.workers)
+            return self.pool
         from virtualpatient.distributed import connect
 
-        self.client, self.cluster = connect(workers=self.args.workers, scheduler=self.args.scheduler)
+        self.client, self.cluster = connect(workers=None if args.scheduler else args.workers,
+                                            scheduler=args.scheduler)
         # pure=False: Dask would otherwise treat calls with equal arguments as one cached result
         return self.client.get_executor(pure=False)
 
-    def __exit__(self, *exc) -> None:
-        from virtualpatient.distributed import close
+    def __exit__(self, kind, exc, tb) -> None:
+        from virtualpatient.distributed import close, stop_pool
 
+        if self.pool is not None:
+            stop_pool(self.pool, interrupted=kind is not None)
         if self.client is not None or self.cluster is not None:
             close(self.client, self.cluster)
 
@@ -208,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, _Terminated) as exc:
         which = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
         return _fail(f"interrupted ({which}); finished units are kept, run the same command again to resume")
+    except BrokenProcessPool:
+        return _fail("a worker process died (killed, or out of memory); finished units are kept, run the same "
+                     "command again to resume, with fewer --workers or a smaller --patients-per-unit")
     except MemoryError:
         return _fail("out of memory; lower --patients-per-unit or --patients (finished units are kept)")
     except Exception as exc:  # noqa: BLE001 - the one place a bug becomes one line and a log file

@@ -100,7 +100,8 @@ class Estimate:
         gib = 2**30
         avail = "" if self.available_bytes is None else f" (available {self.available_bytes / gib:.1f} GiB)"
         hours = self.seconds / 3600
-        time = f"{hours:.1f} h" if hours >= 1 else f"{self.seconds / 60:.0f} min"
+        time = f"{hours:.1f} h" if hours >= 1 else f"{self.seconds / 60:.0f} min" if self.seconds >= 60 else \
+            "under a minute"
         return f"peak memory about {self.memory_bytes / gib:.1f} GiB{avail}; about {time} on {self.workers} worker(s)"
 
 
