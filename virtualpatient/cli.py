@@ -53,28 +53,38 @@ def _bounded(low: int, high: int):
     return parse
 
 
+def _run_options(cmd: argparse.ArgumentParser) -> None:
+    """The options of every command that runs a study."""
+    cmd.add_argument("--patients", type=_bounded(1, MAX_PATIENTS), help="number of patients (overrides the study)")
+    cmd.add_argument("--seed", type=_bounded(0, MAX_SEED), help="study seed (overrides the study)")
+    cmd.add_argument("--out", type=Path, help="run folder (default: runs/<study>-<protocol hash>)")
+    cmd.add_argument("--patients-per-unit", type=_bounded(1, MAX_PATIENTS),
+                     help="patients trained together in one unit")
+    cmd.add_argument("--device", choices=["cpu", "cuda"], help="where tensors live (overrides the study)")
+    cmd.add_argument("--workers", type=_bounded(1, MAX_WORKERS),
+                     help="worker processes, one torch thread each (default: one per core; 1 runs in this "
+                          "process with torch's own threads)")
+    dask = cmd.add_mutually_exclusive_group()
+    dask.add_argument("--dask", action="store_true",
+                      help="run the --workers on a local Dask cluster instead of a process pool (dask extra)")
+    dask.add_argument("--scheduler", help="run units on the Dask cluster at this address, e.g. tcp://host:8786")
+    cmd.add_argument("--yes", action="store_true",
+                     help="run even if the estimated peak memory exceeds the memory available, or a sweep has "
+                          "more levels than the limit")
+    cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="virtualpatient", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     rep = sub.add_parser("reproduce", help="run a study and print the paper's tables beside ours")
     rep.add_argument("--study", type=Path, help="TOML study file (default: the paper's protocol)")
-    rep.add_argument("--patients", type=_bounded(1, MAX_PATIENTS), help="number of patients (overrides the study)")
-    rep.add_argument("--seed", type=_bounded(0, MAX_SEED), help="study seed (overrides the study)")
-    rep.add_argument("--out", type=Path, help="run folder (default: runs/<study>-<protocol hash>)")
-    rep.add_argument("--patients-per-unit", type=_bounded(1, MAX_PATIENTS),
-                     help="patients trained together in one unit")
-    rep.add_argument("--device", choices=["cpu", "cuda"], help="where tensors live (overrides the study)")
-    rep.add_argument("--workers", type=_bounded(1, MAX_WORKERS),
-                     help="worker processes, one torch thread each (default: one per core; 1 runs in this "
-                          "process with torch's own threads)")
-    dask = rep.add_mutually_exclusive_group()
-    dask.add_argument("--dask", action="store_true",
-                      help="run the --workers on a local Dask cluster instead of a process pool (dask extra)")
-    dask.add_argument("--scheduler", help="run units on the Dask cluster at this address, e.g. tcp://host:8786")
-    rep.add_argument("--yes", action="store_true",
-                     help="run even if the estimated peak memory exceeds the memory available")
-    rep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _run_options(rep)
+
+    run = sub.add_parser("run", help="run any study (sweeps and replications too) and print a per-arm summary")
+    run.add_argument("study", type=Path, help="TOML study file")
+    _run_options(run)
 
     report = sub.add_parser("report", help="write report.md/report.html from a run folder")
     report.add_argument("run_dir", type=Path)
@@ -90,13 +100,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"virtualpatient: warning: {message}", file=sys.stderr)
 
 
-def _reproduce(args: argparse.Namespace) -> int:
-    from virtualpatient import limits, sparse
-    from virtualpatient.protocol import Protocol, load_study
-    from virtualpatient.store import CodeChangedWarning
-    from virtualpatient.trial import ClinicalTrial
+def _plan(args: argparse.Namespace):
+    """The study file (or the paper's protocol) with the command line's overrides, validated."""
+    from virtualpatient.protocol import Protocol
+    from virtualpatient.sweeps import Plan, load_plan
 
-    sparse.sparse_setting()  # a bad environment switch is refused before any work
     overrides = {}
     if args.patients is not None:
         overrides["n_patients"] = args.patients
@@ -105,42 +113,98 @@ def _reproduce(args: argparse.Namespace) -> int:
     if args.device is not None:
         overrides["device"] = args.device
     if args.study is not None:
-        protocol = load_study(args.study, **overrides)
-    else:
-        protocol = Protocol.from_dict(overrides, source="command line")
+        return load_plan(args.study, **overrides)
+    return Plan(Protocol.from_dict(overrides, source="command line"), None, "command line")
+
+
+def _execute(args: argparse.Namespace, plan):
+    """Size, announce and run a plan's levels; return the results table and the run folder."""
+    from virtualpatient import limits, sparse
+    from virtualpatient.distributed import default_workers
+    from virtualpatient.store import CodeChangedWarning
+    from virtualpatient.sweeps import run_sweep
+    from virtualpatient.trial import ClinicalTrial
+
+    sparse.sparse_setting()  # a bad environment switch is refused before any work
+    protocol = plan.protocol
     if protocol.device == "cuda":
         _check_cuda("--device cuda" if args.device else f"{args.study or 'the protocol'}: device")
-    out = args.out or Path("runs") / f"{protocol.name}-{protocol.hash()[:8]}"
-    from virtualpatient.distributed import default_workers
+    levels = plan.levels(max_levels=None if args.yes else limits.MAX_LEVELS)
+
+    def sized(workers: int, per_unit: int | None) -> limits.Estimate:
+        parts = []
+        for level in levels:
+            trial = ClinicalTrial(level.protocol, patients_per_unit=per_unit, progress=False)
+            parts.append(limits.estimate(level.protocol, trial.epochs_per_patient(), trial.patients_per_unit, workers))
+        return limits.Estimate(max(p.memory_bytes for p in parts), parts[0].available_bytes,
+                               sum(p.seconds for p in parts), parts[0].workers)
 
     if args.scheduler is None and args.workers is None:
         # a run estimated under a minute stays in this process: starting workers costs seconds each
-        alone = ClinicalTrial(protocol, patients_per_unit=args.patients_per_unit, progress=False)
-        short = limits.estimate(protocol, alone.epochs_per_patient(), alone.patients_per_unit).seconds < 60
-        args.workers = 1 if short else default_workers()
+        args.workers = 1 if sized(1, args.patients_per_unit).seconds < 60 else default_workers()
     per_unit = args.patients_per_unit
     if per_unit is None and args.scheduler is None and args.workers > 1:
         per_unit = -(-protocol.n_patients // args.workers)  # every worker busy from the first units on
-    plan = ClinicalTrial(protocol, patients_per_unit=per_unit, progress=False)
-    est = limits.estimate(protocol, plan.epochs_per_patient(), plan.patients_per_unit, args.workers or 1)
+    est = sized(args.workers or 1, per_unit)
     if est.worth_saying or not est.fits:
         print(f"estimate: {est.describe()}", flush=True)
     if not est.fits and not args.yes:
         raise UsageError(f"this run would need more memory than is available ({est.describe()}); "
                          "lower --patients-per-unit or --patients, or pass --yes to try anyway")
-    print(f"study {protocol.name}: {protocol.n_patients} patients, arms {', '.join(protocol.arms)}; "
+    out = args.out or Path("runs") / f"{protocol.name}-{protocol.hash()[:8]}"
+    sweep = "" if plan.sweep is None else f"; {len(levels)} levels"
+    print(f"study {protocol.name}: {protocol.n_patients} patients, arms {', '.join(protocol.arms)}{sweep}; "
           f"run folder {out}", flush=True)
     with _executor(args) as executor, warnings.catch_warnings():
         warnings.simplefilter("always", CodeChangedWarning)
         warnings.showwarning = _show_warning  # one line, restored by catch_warnings
-        trial = ClinicalTrial(protocol, executor=executor, patients_per_unit=per_unit,
-                              progress=not args.no_progress)
-        results = trial.run(out=out)
+        if plan.sweep is None:
+            trial = ClinicalTrial(protocol, executor=executor, patients_per_unit=per_unit,
+                                  progress=not args.no_progress)
+            results = trial.run(out=out)
+        else:
+            results = run_sweep(plan, out, executor=executor, patients_per_unit=per_unit,
+                                progress=not args.no_progress, levels=levels)
+    return results, out
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    plan = _plan(args)
+    if plan.sweep is not None:
+        raise UsageError(f"{args.study}: has a [sweep] table; run it with 'virtualpatient run {args.study}'")
+    results, out = _execute(args, plan)
     from analysis.tables import format_tables
 
-    print(format_tables(results, protocol=protocol.to_dict()))
+    print(format_tables(results, protocol=plan.protocol.to_dict()))
     print(f"\nresults: {out / 'results.csv'}   report: virtualpatient report {out}")
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    plan = _plan(args)
+    results, out = _execute(args, plan)
+    swept = list(plan.sweep.fields) if plan.sweep is not None else []
+    if plan.sweep is not None and plan.sweep.cohorts > 1:
+        swept.append("cohort")
+    print(per_arm_summary(results, swept))
+    print(f"\nresults: {out / 'results.csv'}   report: virtualpatient report {out}")
+    return 0
+
+
+def per_arm_summary(results, by: list[str] | tuple[str, ...] = ()) -> str:
+    """A short text table: per arm (and swept level), patients, mean accuracy per test condition at the
+    arm's assessments (wash-out steps and maintenance durations left out), and the share relapsed."""
+    import pandas as pd
+
+    keys = [*by, "arm"]
+    plain = results[results["step"].isna() & results["maintenance_epochs"].isna() & (results["metric"] == "accuracy")]
+    table = plain.pivot_table(index=keys, columns="condition", values="value", aggfunc="mean")
+    table.insert(0, "patients", results.groupby(keys)["patient"].nunique())
+    relapsed = results[results["metric"] == "relapsed"]
+    if not relapsed.empty:
+        table["relapsed %"] = relapsed.groupby(keys)["value"].mean() * 100
+    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.max_rows", 60):
+        return table.round(1).to_string()
 
 
 def _check_cuda(source: str) -> None:
@@ -224,9 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         args = _parser().parse_args(argv)
-        if args.command == "reproduce":
-            return _reproduce(args)
-        return _report(args)
+        return {"reproduce": _reproduce, "run": _run, "report": _report}[args.command](args)
     except VirtualPatientError as exc:
         return _fail(_one_line(exc))
     except (KeyboardInterrupt, _Terminated) as exc:

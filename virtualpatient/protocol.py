@@ -66,6 +66,7 @@ __all__ = [
     "StabiliserConfig",
     "TaskConfig",
     "load_study",
+    "read_study",
 ]
 
 #: Every protocol table refuses unknown keys, and every float refuses NaN and inf.
@@ -429,6 +430,22 @@ def load_study(path: str | Path, **overrides: Any) -> Protocol:
     --------
     >>> p = load_study("studies/quick.toml", n_patients=2)  # doctest: +SKIP
     """
+    data = read_study(path)
+    if "sweep" in data:
+        raise ProtocolError(f"{path}: has a [sweep] table; run it with 'virtualpatient run' "
+                            "(or virtualpatient.sweeps.load_plan from Python)")
+    data.update(overrides)
+    return Protocol.from_dict(data, source=str(path))
+
+
+def read_study(path: str | Path) -> dict[str, Any]:
+    """The tables of a TOML study file, checked to be a readable, non-empty study (not yet validated).
+
+    Raises
+    ------
+    ProtocolError
+        The file is missing, a folder, too large, not UTF-8, not valid TOML, or sets nothing.
+    """
     path = Path(path)
     try:
         if path.is_dir():
@@ -452,5 +469,4 @@ def load_study(path: str | Path, **overrides: Any) -> Protocol:
     if not data:
         raise ProtocolError(f"{path}: the study file sets nothing; to run the paper's protocol, leave out the study "
                             "file (virtualpatient reproduce without --study)")
-    data.update(overrides)
-    return Protocol.from_dict(data, source=str(path))
+    return data
