@@ -179,3 +179,22 @@ def test_each_mode_sweeps_one_field_at_a_time():
                                             {"arms.neurosteroid.damping": 0.5}]
     assert levels[2].protocol.arms["ssri"].gain_end == p.arms["ssri"].gain_end
     assert levels[2].protocol.arms["neurosteroid"].damping == 0.5
+
+
+@pytest.mark.parametrize(("name", "n_levels", "columns"), [
+    ("pruning_cliff", 20, ["pruning.fraction"]),
+    ("washout_counterfactual", 4, ["arms.*.washout_decay"]),
+    ("dose_response", 20, ["arms.ketamine.regrow_fraction", "arms.ssri.epochs", "arms.ssri.gain_end",
+                           "arms.neurosteroid.damping"]),
+    ("replication", 5, []),
+])
+def test_shipped_sweep_studies_load_and_expand(name, n_levels, columns):
+    """Each shipped sweep study validates every level; its levels and swept fields are as documented."""
+    plan = load_plan(Path(__file__).resolve().parents[1] / "studies" / f"{name}.toml")
+    levels = plan.levels()
+    assert len(levels) == n_levels and list(plan.sweep.fields) == columns
+    assert len({lv.name for lv in levels}) == n_levels
+    if name == "pruning_cliff":
+        assert [lv.values["pruning.fraction"] for lv in levels][::19] == [0.8, 0.99]
+    if name == "replication":
+        assert [lv.cohort for lv in levels] == [0, 1, 2, 3, 4] and levels[0].protocol.seed == plan.protocol.seed
