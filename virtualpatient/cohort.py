@@ -45,15 +45,17 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pydantic
-import torch
 from pydantic import ConfigDict, ValidationInfo, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 from virtualpatient.limits import MAX_GAIN, MAX_SCALE
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["COVARIATES", "Cohort", "CohortConfig", "Distribution", "PatientSpec", "STATE_COVARIATES",
            "check_covariates", "stream_seed"]
@@ -316,6 +318,8 @@ class PatientSpec:
 
     def generator(self, name: str, device: str | torch.device = "cpu") -> torch.Generator:
         """A torch generator for the named stream (same name, same numbers)."""
+        import torch  # here, not at the top: the protocol (and analysis) load without torch
+
         state = stream_seed(self.study_seed, self.index, name).generate_state(1, np.uint64)[0]
         g = torch.Generator(device=device)
         g.manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)

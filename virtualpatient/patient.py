@@ -32,6 +32,7 @@ from virtualpatient import network, plasticity
 from virtualpatient.assessments import ACUTE, assess
 from virtualpatient.cohort import COVARIATES, PatientSpec, check_covariates
 from virtualpatient.network import BiasedNoise, Modulation, NoiseSource, Params
+from virtualpatient.schema import COLUMNS
 from virtualpatient.task import TaskData, make_task_data, stack_task_data
 
 if TYPE_CHECKING:
@@ -349,8 +350,7 @@ def check_architecture(params: Params, n_patients: int, layer_sizes: Sequence[in
 
 
 #: The columns of a trial's results table (``docs/results-schema.md``) that a history shares.
-RESULT_COLUMNS = ["patient", "arm", "phase", "metric", "condition", "noise_sigma", "maintenance_epochs", "step",
-                  "value"]
+RESULT_COLUMNS = COLUMNS
 #: A patient's history: the results columns and covariates, then the action counter and its name.
 HISTORY_COLUMNS = [*RESULT_COLUMNS, *COVARIATES, "action", "event"]
 #: The format tag of a saved :class:`VirtualPatient` file.

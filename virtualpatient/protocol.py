@@ -52,6 +52,7 @@ from virtualpatient.limits import (
     MAX_STUDY_BYTES,
 )
 from virtualpatient.names import check_distinct, check_name
+from virtualpatient.schema import PAPER_PHASES, UNTREATED
 
 __all__ = [
     "AssessmentConfig",
@@ -74,9 +75,7 @@ _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 #: Names an arm may not take: the untreated group and the phases its rows are tagged with
 #: (``docs/results-schema.md``); an arm called ``baseline`` would also share the baseline's unit folder.
-RESERVED_ARM_NAMES = frozenset(
-    {"untreated", "baseline", "pruned", "acute", "maintenance", "washout", "off_medication", "acute_relapse"}
-)
+RESERVED_ARM_NAMES = frozenset({UNTREATED, *PAPER_PHASES})
 
 class ProtocolError(VirtualPatientError, ValueError):
     """A study file or protocol value is invalid; the message names every offending field."""

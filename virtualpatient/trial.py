@@ -37,13 +37,13 @@ from virtualpatient.errors import VirtualPatientError
 from virtualpatient.network import Modulation, NoiseSource, NonFiniteError, Params
 from virtualpatient.patient import PatientBatch
 from virtualpatient.protocol import Protocol
+from virtualpatient.schema import COLUMNS
 from virtualpatient.stabiliser import washout_schedule
 from virtualpatient.store import RunStore
 from virtualpatient.task import TaskData
 
 __all__ = ["COLUMNS", "ClinicalTrial", "TrainingDivergedError", "run_arm", "run_baseline"]
 
-COLUMNS = ["patient", "arm", "phase", "metric", "condition", "noise_sigma", "maintenance_epochs", "step", "value"]
 
 #: The modulation after discontinuation: drug effects gone (gain 1, damping 1, ReLU, no noise).
 DISCONTINUED = Modulation()
