@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from virtualpatient.protocol import AssessmentConfig, LongitudinalConfig
-from virtualpatient.trial import COLUMNS
+from virtualpatient.schema import COLUMNS
 
 #: Columns every results table must have (see ``docs/results-schema.md``).
 REQUIRED_COLUMNS: tuple[str, ...] = tuple(COLUMNS)

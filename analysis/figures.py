@@ -13,6 +13,7 @@ the figures survive grey-scale printing.
 from __future__ import annotations
 
 import math
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -671,6 +672,6 @@ def make_figures(
                     "weight_magnitudes", wcaption, save_figure(fig, out, "weight_magnitudes")
                 )
             )
-        except (ValueError, OSError, KeyError) as exc:
+        except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # a damaged .npz
             records.append(FigureRecord("weight_magnitudes", wcaption, skipped=str(exc)))
     return records

@@ -11,14 +11,30 @@ re-runs the simulation, and writes:
 
 The output is byte-identical when rebuilt from the same run folder: no
 timestamps, seeded bootstraps, reproducible figure files.
+
+A damaged or missing input, or a folder the report cannot be written into,
+raises :class:`ReportError`, whose message starts with the path at fault.
+Writing is all-or-nothing per file: figures are drawn into a temporary folder,
+``report.md`` and ``report.html`` into temporary files, and only when all are
+complete are they renamed into place (``report.md`` last), so a crash leaves
+the previous report as it was. A second report on the same folder while one
+is being written is refused (``flock`` on ``RUN_DIR/.report.lock``): both
+would write the same bytes, so waiting buys nothing, and refusing cannot hang.
+Every path written is joined through :func:`virtualpatient.names.inside`.
 """
 
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import json
 import math
+import os
+import re
+import shutil
+import stat
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +44,25 @@ import pandas as pd
 
 from analysis._data import EXTREME_SIGMA, arm_order, check_results, display_name
 from analysis._results import fmt_num, fmt_p
+from virtualpatient.errors import VirtualPatientError
+from virtualpatient.names import inside
 
-__all__ = ["RunData", "load_run", "write_report"]
+__all__ = ["ReportError", "RunData", "load_run", "write_report"]
 
 FIGURES_DIR = "figures"
+
+#: The lock a report holds on its run folder while it writes (``flock``; the file stays, empty).
+REPORT_LOCK = ".report.lock"
+
+#: The report's own temporary names (as the run store's: ``.<target>.vp-XXXXXXXX.tmp``).
+_TMP_INFIX, _TMP_SUFFIX = ".vp-", ".tmp"
+_STALE_FILE = re.compile(r"\.report\.(?:md|html)\.vp-[a-z0-9_]{8}\.tmp")
+_STALE_DIR = re.compile(r"\.figures\.vp-[a-z0-9_]{8}\.tmp")
+
+
+class ReportError(VirtualPatientError, ValueError):
+    """A run folder cannot be reported on: a missing or damaged input file, or a folder the report
+    cannot be written into. The message starts with the path of the file or folder at fault."""
 
 #: The arm comparisons shown in the report: (title, metric, condition, phase, sigma).
 COMPARISONS = [
@@ -76,6 +107,12 @@ def load_run(run_dir: str | Path) -> RunData:
         ``manifest`` are ``{}`` when their file is missing; ``weights_dir`` is
         the ``weights/`` folder if it exists.
 
+    Raises
+    ------
+    ReportError
+        The folder or ``results.csv`` is missing, or a file is damaged; the
+        message starts with the path at fault.
+
     Examples
     --------
     >>> import tempfile
@@ -89,27 +126,62 @@ def load_run(run_dir: str | Path) -> RunData:
         raise TypeError(f"run_dir must be a str or Path, got {type(run_dir).__name__}")
     path = Path(run_dir)
     if not path.is_dir():
-        raise ValueError(f"run folder not found: {path}")
-    csv = path / "results.csv"
-    if not csv.is_file():
-        raise ValueError(f"{path} has no results.csv; is it a run folder?")
-    results = check_results(pd.read_csv(csv), name=str(csv))
+        raise ReportError(f"{path}: run folder not found")
+    csv_path = path / "results.csv"
+    if not csv_path.is_file():
+        raise ReportError(f"{path}: has no results.csv; is it a run folder?")
+    results = _read_results(csv_path)
     docs = {}
     for name in ("protocol", "manifest"):
         f = path / f"{name}.json"
         if f.is_file():
             try:
-                docs[name] = json.loads(f.read_text())
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{f} is not valid JSON: {exc}") from None
+                docs[name] = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or bad UTF-8
+                raise ReportError(f"{f}: is not valid JSON ({_first_line(exc)})") from None
             if not isinstance(docs[name], dict):
-                raise ValueError(f"{f} must hold a JSON object")
+                raise ReportError(f"{f}: must hold a JSON object")
         else:
             docs[name] = {}
     wdir = path / "weights"
     return RunData(
         path, results, docs["protocol"], docs["manifest"], wdir if wdir.is_dir() else None
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    first = lines[0] if lines else type(exc).__name__
+    return first if len(first) <= 160 else first[:157] + "..."
+
+
+def _read_results(path: Path) -> pd.DataFrame:
+    """``results.csv`` read and checked against the schema, or :class:`ReportError` saying why not."""
+    try:
+        raw = pd.read_csv(path, low_memory=False)
+    except pd.errors.EmptyDataError:
+        raise ReportError(f"{path}: is empty (no header, no rows); rerun the study to rewrite it") from None
+    except (OSError, ValueError, csv.Error) as exc:  # ParserError and UnicodeDecodeError are ValueErrors
+        raise ReportError(f"{path}: cannot be read as a results table ({_first_line(exc)})") from None
+    try:
+        results = check_results(raw, name=str(path))
+    except (TypeError, ValueError) as exc:  # the message starts with the path and a space
+        message = _first_line(exc)
+        if message.startswith(f"{path} "):
+            message = f"{path}: {message[len(str(path)) + 1:]}"
+        raise ReportError(message) from None
+    if results.empty:
+        raise ReportError(f"{path}: has a header but no rows")
+    for col in ("noise_sigma", "maintenance_epochs", "step", "value"):
+        values = results[col].to_numpy(dtype=float)
+        bad = np.isinf(values) | (np.isnan(values) if col == "value" else False)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ReportError(
+                f"{path}: data row {row + 1} has {'a missing' if np.isnan(values[row]) else 'an infinite'} {col}; "
+                "a damaged file: rerun the study to rewrite it"
+            )
+    return results
 
 
 # --------------------------------------------------------------------------- blocks
@@ -557,10 +629,10 @@ def _relapse_section(df: pd.DataFrame, protocol: dict) -> list[_Block]:
     return blocks
 
 
-def _figures_section(run: RunData, df: pd.DataFrame) -> list[_Block]:
+def _figures_section(run: RunData, df: pd.DataFrame, out_dir: Path) -> list[_Block]:
     from analysis.figures import make_figures
 
-    records = make_figures(df, run.path / FIGURES_DIR, run.protocol, weights_dir=run.weights_dir)
+    records = make_figures(df, out_dir, run.protocol, weights_dir=run.weights_dir)
     blocks = [_Block("h2", "Figures")]
     for rec in records:
         if rec.skipped:
@@ -589,6 +661,14 @@ def write_report(run_dir: str | Path, *, n_resamples: int = 2000, seed: int = 0)
     Path
         The path of ``report.md``.
 
+    Raises
+    ------
+    ReportError
+        ``results.csv`` is missing or damaged (not a table, missing columns, non-numeric or
+        infinite values, no rows), ``protocol.json`` or ``manifest.json`` is not a JSON object,
+        the folder cannot be written, or another report is being written into it. Nothing of the
+        previous report is changed.
+
     Examples
     --------
     >>> import tempfile
@@ -602,17 +682,151 @@ def write_report(run_dir: str | Path, *, n_resamples: int = 2000, seed: int = 0)
         raise ValueError(f"n_resamples must be a positive int, got {n_resamples!r}")
     run = load_run(run_dir)
     df = run.results
-    blocks = _header_section(run, df)
-    blocks += _tables_section(df, run.protocol, n_resamples, seed)
-    blocks += _claims_section(df, run.protocol)
-    blocks += _comparison_blocks(df, n_resamples, seed)
-    blocks += _relapse_section(df, run.protocol)
-    blocks += _figures_section(run, df)
-    blocks.append(
-        _Block("p", "Generated by `analysis.report.write_report` from the saved run data.")
-    )
-    title = blocks[0].text
-    md_path = run.path / "report.md"
-    md_path.write_text(_to_markdown(blocks), encoding="utf-8")
-    (run.path / "report.html").write_text(_to_html(blocks, title), encoding="utf-8")
+    with _report_lock(run.path):
+        _check_targets(run.path)  # before minutes of statistics, not after
+        _remove_stale_tmp(run.path)
+        staging = _in_run(run.path, _mkdtemp(run.path, ".figures"))
+        try:
+            blocks = _header_section(run, df)
+            blocks += _tables_section(df, run.protocol, n_resamples, seed)
+            blocks += _claims_section(df, run.protocol)
+            blocks += _comparison_blocks(df, n_resamples, seed)
+            blocks += _relapse_section(df, run.protocol)
+            blocks += _figures_section(run, df, staging)
+            blocks.append(
+                _Block("p", "Generated by `analysis.report.write_report` from the saved run data.")
+            )
+            title = blocks[0].text
+            md, page = _to_markdown(blocks), _to_html(blocks, title)
+            return _commit(run.path, staging, md, page)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _in_run(run: Path, *parts: str) -> Path:
+    """``run/parts``, or :class:`ReportError` if it would leave the run folder."""
+    try:
+        return inside(run, *parts)
+    except (ValueError, RuntimeError, OSError) as exc:  # RuntimeError: a symlink loop on Python < 3.13
+        raise ReportError(f"{run}: refusing to write outside the run folder ({_first_line(exc)})") from None
+
+
+def _cannot_write(path: Path, exc: OSError) -> ReportError:
+    return ReportError(f"{path}: cannot write the report ({exc.strerror or exc})")
+
+
+class _report_lock:
+    """Hold ``flock`` on ``RUN_DIR/.report.lock`` (refused at once if another report holds it)."""
+
+    def __init__(self, run: Path) -> None:
+        self.path = _in_run(run, REPORT_LOCK)
+        self.run = run
+        self.fd: int | None = None
+
+    def __enter__(self) -> None:
+        import fcntl
+
+        try:
+            self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            raise _cannot_write(self.run, exc) from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise ReportError(
+                f"{self.run}: another report is being written into this folder ({REPORT_LOCK} is locked); "
+                "wait for it to finish"
+            ) from None
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _check_targets(run: Path) -> None:
+    """Refuse at once a folder whose report files cannot be replaced: report.md or report.html
+    that is not a file, figures/ that is not a folder (symbolic links are refused by ``inside``)."""
+    for name, is_kind, kind in (("report.md", stat.S_ISREG, "a file"), ("report.html", stat.S_ISREG, "a file"),
+                                (FIGURES_DIR, stat.S_ISDIR, "a folder")):
+        path = _in_run(run, name)
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise _cannot_write(run, exc) from None
+        if not is_kind(mode):
+            raise ReportError(f"{run}: cannot write the report ({name} is not {kind})")
+
+
+def _mkdtemp(run: Path, stem: str) -> str:
+    try:
+        return Path(tempfile.mkdtemp(dir=run, prefix=f"{stem}{_TMP_INFIX}", suffix=_TMP_SUFFIX)).name
+    except OSError as exc:
+        raise _cannot_write(run, exc) from None
+
+
+def _remove_stale_tmp(run: Path) -> None:
+    """Remove what a killed report left: only names of exactly the report's own temporary form."""
+    try:
+        names = os.listdir(run)
+    except OSError as exc:
+        raise _cannot_write(run, exc) from None
+    for name in names:
+        path = run / name
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            continue
+        if _STALE_FILE.fullmatch(name) and stat.S_ISREG(mode):
+            path.unlink(missing_ok=True)
+        elif _STALE_DIR.fullmatch(name) and stat.S_ISDIR(mode):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_tmp(run: Path, name: str, text: str) -> Path:
+    """``text`` in a new, flushed temporary file beside ``run/name``; its path."""
+    fd, tmp = tempfile.mkstemp(dir=run, prefix=f".{name}{_TMP_INFIX}", suffix=_TMP_SUFFIX)
+    try:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes 0600 files; a report is an ordinary file
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(text.encode("utf-8"))
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def _commit(run: Path, staging: Path, md: str, page: str) -> Path:
+    """Move the finished report into place: figures, then report.html, then report.md.
+
+    Every file is complete before it is renamed, so each output is either the previous one or
+    the new one; on failure the temporary files are removed and ``report.md`` is the previous one.
+    """
+    md_path, html_path = _in_run(run, "report.md"), _in_run(run, "report.html")
+    figures = _in_run(run, FIGURES_DIR)
+    tmps: list[Path] = []
+    try:
+        tmps.append(_write_tmp(run, "report.md", md))
+        tmps.append(_write_tmp(run, "report.html", page))
+        figures.mkdir(exist_ok=True)
+        for fig in sorted(staging.iterdir()):
+            os.replace(fig, _in_run(run, FIGURES_DIR, fig.name))
+        os.replace(tmps[1], html_path)
+        os.replace(tmps[0], md_path)
+    except OSError as exc:
+        raise _cannot_write(run, exc) from None
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
     return md_path

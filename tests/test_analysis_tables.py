@@ -215,3 +215,15 @@ def test_zero_sd_deviation_judged_at_the_papers_precision():
     assert _deviation(94.9993, 0.0, 95.0, 1) == 0.0
     assert _deviation(94.9, 0.0, 95.0, 1) == -math.inf
     assert _deviation(95.06, 0.0, 95.0, 1) == math.inf
+
+
+def test_importing_analysis_loads_no_torch():
+    """The analysis package (tables, claims, statistics, report) imports without torch: the results
+    vocabulary lives in the torch-free virtualpatient.schema."""
+    import subprocess
+    import sys
+
+    code = ("import sys, analysis, analysis.tables, analysis.claims, analysis.stats, analysis.report; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"

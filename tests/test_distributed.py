@@ -111,7 +111,7 @@ def test_dask_executor_matches_in_process(cluster, study, in_process, tmp_path):
 
 
 def test_cli_workers_option_uses_the_dask_executor(cluster, study, in_process, tmp_path, monkeypatch, capsys):
-    """``reproduce --workers N`` runs its units on the cluster from ``connect`` and writes the same
+    """``reproduce --dask --workers N`` runs its units on the cluster from ``connect`` and writes the same
     results.csv as the in-process run (here ``connect`` hands back the test's cluster)."""
     import virtualpatient.distributed as vd
 
@@ -140,7 +140,7 @@ def test_cli_workers_option_uses_the_dask_executor(cluster, study, in_process, t
     monkeypatch.setattr(type(client.get_executor(pure=False)), "submit", spy)
     out = tmp_path / "run"
     status = main(["reproduce", "--study", str(study), "--out", str(out), "--patients-per-unit", "1",
-                   "--workers", "2", "--no-progress"])
+                   "--dask", "--workers", "2", "--no-progress"])
     assert status == 0, capsys.readouterr().err
     assert calls == [(2, None), "close"]
     assert submitted.count("_baseline_payloads") == 3 and submitted.count("_arm_payloads") == 9
@@ -149,9 +149,9 @@ def test_cli_workers_option_uses_the_dask_executor(cluster, study, in_process, t
 
 
 def test_missing_dask_gives_install_hint(monkeypatch, tmp_path, study, capsys):
-    """Without Dask, ``--workers`` ends with exit 2 and one line telling how to install the extra."""
+    """Without Dask, ``--dask`` ends with exit 2 and one line telling how to install the extra."""
     monkeypatch.setitem(sys.modules, "distributed", None)  # makes `import distributed` fail
-    status = main(["reproduce", "--study", str(study), "--out", str(tmp_path / "run"), "--workers", "2",
+    status = main(["reproduce", "--study", str(study), "--out", str(tmp_path / "run"), "--dask", "--workers", "2",
                    "--no-progress"])
     assert status == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
@@ -169,3 +169,26 @@ def test_connect_rejects_inconsistent_arguments():
         connect(workers=2, scheduler="tcp://127.0.0.1:8786")
     with pytest.raises(DistributedError, match=">= 1"):
         connect(workers=0)
+
+
+def test_cli_default_process_pool_equals_in_process(study, in_process, tmp_path, capsys):
+    """``reproduce --workers 2`` (the standard-library process pool, no Dask) writes the same
+    results.csv as the in-process run, byte for byte."""
+    out = tmp_path / "run"
+    status = main(["reproduce", "--study", str(study), "--out", str(out), "--workers", "2", "--no-progress"])
+    assert status == 0, capsys.readouterr().err
+    assert (out / "results.csv").read_bytes() == (in_process[1] / "results.csv").read_bytes()
+
+
+def test_local_pool_stops_its_workers_at_once_when_interrupted():
+    """After an interruption stop_pool ends running workers without waiting for their units."""
+    import time
+
+    from virtualpatient.distributed import local_pool, stop_pool
+
+    pool = local_pool(1)
+    pool.submit(time.sleep, 60)
+    time.sleep(0.5)
+    start = time.monotonic()
+    stop_pool(pool, interrupted=True)
+    assert time.monotonic() - start < 15

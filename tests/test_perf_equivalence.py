@@ -235,8 +235,14 @@ def test_eval_cache_follows_in_place_changes():
 
 def test_grouped_evaluation_equals_one_batch():
     """forward splits a batch that would not fit EngineConfig.eval_max_bytes into groups of
-    networks; logits and activation magnitudes equal the one-batch evaluation bit for bit, with
-    internal and biased noise drawn from each patient's own generator in the same order."""
+    networks; activation magnitudes equal the one-batch evaluation bit for bit, with internal and
+    biased noise drawn from each patient's own generator in the same order, and logits equal it to
+    float32 rounding.
+
+    Logits were bit for bit equal on the AVX-512 machine of the performance work; on an Intel
+    Xeon @ 2.00 GHz (2026-12) the 256 -> 4 output layer's batched ``baddbmm`` rounds differently
+    for a batch of 5, 2 and 1 networks (3.8e-6 on logits up to 37), so the test allows 1e-6 relative.
+    """
     params = _params(11, n_patients=5)
     x = torch.randn(5, 40, 2, generator=torch.Generator().manual_seed(3)) * 3
     mod = Modulation(gain=1.3, protection=0.4, noise_sigma=0.3)
@@ -252,5 +258,5 @@ def test_grouped_evaluation_equals_one_batch():
     one, one_mags, one_groups = run(2**30)
     split, split_mags, split_groups = run(2 * 40 * max(SIZES) * 4)  # two networks per group
     assert (one_groups, split_groups) == (1, 3)
-    assert torch.equal(one, split)
+    torch.testing.assert_close(one, split, rtol=1e-6, atol=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(one_mags, split_mags)) and len(split_mags) == len(SIZES) - 2

@@ -121,8 +121,8 @@ def biased(batch: PatientBatch, noise: NoiseSource) -> list[Row]:
 
 @register_assessment("gain")
 def gain(batch: PatientBatch, noise: NoiseSource | None = None) -> list[Row]:
-    """The nominal gain multiplier (Table 3)."""
-    return rows_for(batch, "gain", [batch.modulation.gain] * len(batch))
+    """The nominal gain multiplier (Table 3), per patient (its ``gain_sensitivity`` applied)."""
+    return rows_for(batch, "gain", batch.effective_modulation().values("gain", len(batch)))
 
 
 @register_assessment("activation_magnitude")

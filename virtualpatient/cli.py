@@ -4,16 +4,28 @@
 previous run on the same folder finished, and prints Tables 1-4 beside the published values.
 ``virtualpatient report RUN_DIR`` rebuilds the reproduction report from a run folder's data alone.
 
-Every expected failure (bad study file, unwritable or foreign run folder, damaged result file,
-diverged training) ends with exit status 2 and one line on standard error, never a traceback.
+Every expected failure (bad study file, flag or environment setting, unwritable or foreign run
+folder, damaged result file, diverged training, a run too large for the machine) ends with exit
+status 2 and one line on standard error that names the file, field or flag at fault. Anything else
+is a bug: one line with the path of a log file holding the traceback, exit status 1. SIGINT and
+SIGTERM, at any moment, end with one line; finished units stay and the same command resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import tempfile
+import threading
+import time
+import traceback
 import warnings
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+
+from virtualpatient.errors import UsageError, VirtualPatientError
+from virtualpatient.limits import MAX_PATIENTS, MAX_SEED, MAX_WORKERS
 
 __all__ = ["main"]
 
@@ -25,21 +37,54 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"virtualpatient: error: {message} (see {self.prog} --help)\n")
 
 
+def _bounded(low: int, high: int):
+    """An argparse type: an integer in ``[low, high]`` (argparse names the flag in its message)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must lie in [{low}, {high}], got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _run_options(cmd: argparse.ArgumentParser) -> None:
+    """The options of every command that runs a study."""
+    cmd.add_argument("--patients", type=_bounded(1, MAX_PATIENTS), help="number of patients (overrides the study)")
+    cmd.add_argument("--seed", type=_bounded(0, MAX_SEED), help="study seed (overrides the study)")
+    cmd.add_argument("--out", type=Path, help="run folder (default: runs/<study>-<protocol hash>)")
+    cmd.add_argument("--patients-per-unit", type=_bounded(1, MAX_PATIENTS),
+                     help="patients trained together in one unit")
+    cmd.add_argument("--device", choices=["cpu", "cuda"], help="where tensors live (overrides the study)")
+    cmd.add_argument("--workers", type=_bounded(1, MAX_WORKERS),
+                     help="worker processes, one torch thread each (default: one per core; 1 runs in this "
+                          "process with torch's own threads)")
+    dask = cmd.add_mutually_exclusive_group()
+    dask.add_argument("--dask", action="store_true",
+                      help="run the --workers on a local Dask cluster instead of a process pool (dask extra)")
+    dask.add_argument("--scheduler", help="run units on the Dask cluster at this address, e.g. tcp://host:8786")
+    cmd.add_argument("--yes", action="store_true",
+                     help="run even if the estimated peak memory exceeds the memory available, or a sweep has "
+                          "more levels than the limit")
+    cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="virtualpatient", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     rep = sub.add_parser("reproduce", help="run a study and print the paper's tables beside ours")
     rep.add_argument("--study", type=Path, help="TOML study file (default: the paper's protocol)")
-    rep.add_argument("--patients", type=int, help="number of patients (overrides the study)")
-    rep.add_argument("--seed", type=int, help="study seed (overrides the study)")
-    rep.add_argument("--out", type=Path, help="run folder (default: runs/<study>-<protocol hash>)")
-    rep.add_argument("--patients-per-unit", type=int, help="patients trained together in one unit")
-    rep.add_argument("--device", choices=["cpu", "cuda"], help="where tensors live (overrides the study)")
-    dask = rep.add_mutually_exclusive_group()
-    dask.add_argument("--workers", type=int, help="run units on a local Dask cluster of N processes (dask extra)")
-    dask.add_argument("--scheduler", help="run units on the Dask cluster at this address, e.g. tcp://host:8786")
-    rep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _run_options(rep)
+
+    run = sub.add_parser("run", help="run any study (sweeps and replications too) and print a per-arm summary")
+    run.add_argument("study", type=Path, help="TOML study file")
+    _run_options(run)
 
     report = sub.add_parser("report", help="write report.md/report.html from a run folder")
     report.add_argument("run_dir", type=Path)
@@ -55,14 +100,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"virtualpatient: warning: {message}", file=sys.stderr)
 
 
-def _reproduce(args: argparse.Namespace) -> int:
-    from virtualpatient.protocol import Protocol, load_study
-    from virtualpatient.store import CodeChangedWarning
-    from virtualpatient.trial import ClinicalTrial
+def _plan(args: argparse.Namespace):
+    """The study file (or the paper's protocol) with the command line's overrides, validated."""
+    from virtualpatient.protocol import Protocol
+    from virtualpatient.sweeps import Plan, load_plan
 
-    for flag, value in (("--patients-per-unit", args.patients_per_unit), ("--workers", args.workers)):
-        if value is not None and value < 1:
-            return _fail(f"{flag} must be >= 1, got {value}")
     overrides = {}
     if args.patients is not None:
         overrides["n_patients"] = args.patients
@@ -71,43 +113,136 @@ def _reproduce(args: argparse.Namespace) -> int:
     if args.device is not None:
         overrides["device"] = args.device
     if args.study is not None:
-        protocol = load_study(args.study, **overrides)
-    else:
-        protocol = Protocol.from_dict(overrides, source="command line")
+        return load_plan(args.study, **overrides)
+    return Plan(Protocol.from_dict(overrides, source="command line"), None, "command line")
+
+
+def _execute(args: argparse.Namespace, plan):
+    """Size, announce and run a plan's levels; return the results table and the run folder."""
+    from virtualpatient import limits, sparse
+    from virtualpatient.distributed import default_workers
+    from virtualpatient.store import CodeChangedWarning
+    from virtualpatient.sweeps import run_sweep
+    from virtualpatient.trial import ClinicalTrial
+
+    sparse.sparse_setting()  # a bad environment switch is refused before any work
+    protocol = plan.protocol
+    if protocol.device == "cuda":
+        _check_cuda("--device cuda" if args.device else f"{args.study or 'the protocol'}: device")
+    levels = plan.levels(max_levels=None if args.yes else limits.MAX_LEVELS)
+
+    def sized(workers: int, per_unit: int | None) -> limits.Estimate:
+        parts = []
+        for level in levels:
+            trial = ClinicalTrial(level.protocol, patients_per_unit=per_unit, progress=False)
+            parts.append(limits.estimate(level.protocol, trial.epochs_per_patient(), trial.patients_per_unit, workers))
+        return limits.Estimate(max(p.memory_bytes for p in parts), parts[0].available_bytes,
+                               sum(p.seconds for p in parts), parts[0].workers)
+
+    if args.scheduler is None and args.workers is None:
+        # a run estimated under a minute stays in this process: starting workers costs seconds each
+        args.workers = 1 if sized(1, args.patients_per_unit).seconds < 60 else default_workers()
+    per_unit = args.patients_per_unit
+    if per_unit is None and args.scheduler is None and args.workers > 1:
+        per_unit = -(-protocol.n_patients // args.workers)  # every worker busy from the first units on
+    est = sized(args.workers or 1, per_unit)
+    if est.worth_saying or not est.fits:
+        print(f"estimate: {est.describe()}", flush=True)
+    if not est.fits and not args.yes:
+        raise UsageError(f"this run would need more memory than is available ({est.describe()}); "
+                         "lower --patients-per-unit or --patients, or pass --yes to try anyway")
     out = args.out or Path("runs") / f"{protocol.name}-{protocol.hash()[:8]}"
-    print(f"study {protocol.name}: {protocol.n_patients} patients, arms {', '.join(protocol.arms)}; "
+    sweep = "" if plan.sweep is None else f"; {len(levels)} levels"
+    print(f"study {protocol.name}: {protocol.n_patients} patients, arms {', '.join(protocol.arms)}{sweep}; "
           f"run folder {out}", flush=True)
     with _executor(args) as executor, warnings.catch_warnings():
         warnings.simplefilter("always", CodeChangedWarning)
         warnings.showwarning = _show_warning  # one line, restored by catch_warnings
-        trial = ClinicalTrial(protocol, executor=executor, patients_per_unit=args.patients_per_unit,
-                              progress=not args.no_progress)
-        results = trial.run(out=out)
+        if plan.sweep is None:
+            trial = ClinicalTrial(protocol, executor=executor, patients_per_unit=per_unit,
+                                  progress=not args.no_progress)
+            results = trial.run(out=out)
+        else:
+            results = run_sweep(plan, out, executor=executor, patients_per_unit=per_unit,
+                                progress=not args.no_progress, levels=levels)
+    return results, out
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    plan = _plan(args)
+    if plan.sweep is not None:
+        raise UsageError(f"{args.study}: has a [sweep] table; run it with 'virtualpatient run {args.study}'")
+    results, out = _execute(args, plan)
     from analysis.tables import format_tables
 
-    print(format_tables(results, protocol=protocol.to_dict()))
+    print(format_tables(results, protocol=plan.protocol.to_dict()))
     print(f"\nresults: {out / 'results.csv'}   report: virtualpatient report {out}")
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    plan = _plan(args)
+    results, out = _execute(args, plan)
+    swept = list(plan.sweep.fields) if plan.sweep is not None else []
+    if plan.sweep is not None and plan.sweep.cohorts > 1:
+        swept.append("cohort")
+    print(per_arm_summary(results, swept))
+    print(f"\nresults: {out / 'results.csv'}   report: virtualpatient report {out}")
+    return 0
+
+
+def per_arm_summary(results, by: list[str] | tuple[str, ...] = ()) -> str:
+    """A short text table: per arm (and swept level), patients, mean accuracy per test condition at the
+    arm's assessments (wash-out steps and maintenance durations left out), and the share relapsed."""
+    import pandas as pd
+
+    keys = [*by, "arm"]
+    plain = results[results["step"].isna() & results["maintenance_epochs"].isna() & (results["metric"] == "accuracy")]
+    table = plain.pivot_table(index=keys, columns="condition", values="value", aggfunc="mean")
+    table.insert(0, "patients", results.groupby(keys)["patient"].nunique())
+    relapsed = results[results["metric"] == "relapsed"]
+    if not relapsed.empty:
+        table["relapsed %"] = relapsed.groupby(keys)["value"].mean() * 100
+    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.max_rows", 60):
+        return table.round(1).to_string()
+
+
+def _check_cuda(source: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise UsageError(f"{source}: cuda was asked for, but {why}; use --device cpu")
+
+
 class _executor:
-    """Context manager giving ``None`` (in-process) or a Dask executor, closed on exit."""
+    """Context manager giving where units run: ``None`` (in this process), a local process pool, or a
+    Dask executor; closed on exit, and a pool's workers ended at once if the run was interrupted."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args, self.client, self.cluster = args, None, None
+        self.args, self.client, self.cluster, self.pool = args, None, None, None
 
     def __enter__(self):
-        if self.args.workers is None and self.args.scheduler is None:
-            return None
+        args = self.args
+        if args.scheduler is None and not args.dask:
+            if args.workers == 1:
+                return None
+            from virtualpatient.distributed import local_pool
+
+            self.pool = local_pool(args.workers)
+            return self.pool
         from virtualpatient.distributed import connect
 
-        self.client, self.cluster = connect(workers=self.args.workers, scheduler=self.args.scheduler)
+        self.client, self.cluster = connect(workers=None if args.scheduler else args.workers,
+                                            scheduler=args.scheduler)
         # pure=False: Dask would otherwise treat calls with equal arguments as one cached result
         return self.client.get_executor(pure=False)
 
-    def __exit__(self, *exc) -> None:
-        from virtualpatient.distributed import close
+    def __exit__(self, kind, exc, tb) -> None:
+        from virtualpatient.distributed import close, stop_pool
 
+        if self.pool is not None:
+            stop_pool(self.pool, interrupted=kind is not None)
         if self.client is not None or self.cluster is not None:
             close(self.client, self.cluster)
 
@@ -122,24 +257,59 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``virtualpatient`` console script; returns the exit status."""
-    from virtualpatient.distributed import DistributedError
-    from virtualpatient.protocol import ProtocolError
-    from virtualpatient.store import RunStoreError
-    from virtualpatient.trial import TrainingDivergedError
+class _Terminated(BaseException):
+    """Raised in the main thread by SIGTERM, so it unwinds like Ctrl-C (locks released, tmp files removed)."""
 
-    args = _parser().parse_args(argv)
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated
+
+
+def _crash_log(exc: BaseException) -> str:
+    """Write the traceback of an unexpected exception to a new log file; return its path."""
+    fd, path = tempfile.mkstemp(prefix=f"virtualpatient-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log")
+    with open(fd, "w") as fh:
+        fh.write(f"virtualpatient {' '.join(sys.argv[1:])}\n\n")
+        traceback.print_exception(exc, file=fh)
+    return path
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) if str(exc).strip() else type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``virtualpatient`` console script; returns the exit status.
+
+    Exit status 0 on success, 2 for every expected failure and for an interruption (one line on
+    standard error each), 1 for a bug (one line naming a log file with the traceback).
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
-        if args.command == "reproduce":
-            return _reproduce(args)
-        return _report(args)
-    except ProtocolError as exc:
-        return _fail(str(exc).replace("\n", "; "))
-    except (RunStoreError, TrainingDivergedError, DistributedError) as exc:
-        return _fail(str(exc).replace("\n", "; "))
-    except KeyboardInterrupt:
-        return _fail("interrupted; finished units are kept, run the same command again to resume")
+        args = _parser().parse_args(argv)
+        return {"reproduce": _reproduce, "run": _run, "report": _report}[args.command](args)
+    except VirtualPatientError as exc:
+        return _fail(_one_line(exc))
+    except (KeyboardInterrupt, _Terminated) as exc:
+        which = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
+        return _fail(f"interrupted ({which}); finished units are kept, run the same command again to resume")
+    except BrokenProcessPool:
+        return _fail("a worker process died (killed, or out of memory); finished units are kept, run the same "
+                     "command again to resume, with fewer --workers or a smaller --patients-per-unit")
+    except MemoryError:
+        return _fail("out of memory; lower --patients-per-unit or --patients (finished units are kept)")
+    except Exception as exc:  # noqa: BLE001 - the one place a bug becomes one line and a log file
+        try:
+            where = f"traceback in {_crash_log(exc)}"
+        except OSError:
+            where = "no log file could be written"
+        print(f"virtualpatient: internal error: {type(exc).__name__}: {_one_line(exc)[:200]} ({where}; "
+              "please report it)", file=sys.stderr)
+        return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,30 @@
 
 A :class:`PatientSpec` is everything that distinguishes one patient before any training: its index,
 the study seed its random streams are spawned from, and its covariates (pruning depth, plasticity
-reserve). Covariates are fixed numbers or are drawn per patient from a named distribution, so a
-cohort can be heterogeneous the way patients are (the paper's Limitations name pruning depth and
-plasticity reserve).
+reserve, drug and stabiliser response). Covariates are fixed numbers or are drawn per patient from a
+named distribution, so a cohort can be heterogeneous the way patients are (the paper's Limitations
+name pruning depth and plasticity reserve).
+
+The covariates, their ranges and what reads them:
+
+======================= ========== ==================================================================
+covariate               range      effect
+======================= ========== ==================================================================
+``prune_fraction``      [0, 1)     depth of the lesion (``PatientBatch.prune``)
+``regrowth_fraction``   [0, 1]     share of pruned positions a regrowth arm reinstates
+``lr_scale``            (0, 100]   multiplier of every learning rate after the baseline
+``gain_sensitivity``    [0, 100]   response to a gain change: the network sees ``1 + s (gain - 1)``
+                                   (0: no gain effect, 1: the arm's gain, 2: twice its deviation);
+                                   baseline and discontinued states (gain 1) are unaffected
+``protection_scale``    [0, 1]     response to the mood stabiliser: the network sees ``s * p``
+                                   (maintenance and every wash-out step; 0: no protection)
+======================= ========== ==================================================================
+
+The first three are :data:`COVARIATES`, columns of every results table. The last two are
+:data:`STATE_COVARIATES` (not results columns: the trial writes :data:`COVARIATES` only): they set
+the patient's per-patient modulation state wherever its batch hands a modulation to the engine
+(:meth:`PatientBatch.effective_modulation`), so every arm and phase honours them. They are recorded
+in a patient's spec only when the study sets them; unset (or 1) gives the paper's numbers bit for bit.
 
 Every random draw of a patient comes from a named stream,
 ``SeedSequence(study_seed, spawn_key=(patient, crc32(name)))``. A patient's numbers therefore do
@@ -24,17 +45,24 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pydantic
-import torch
 from pydantic import ConfigDict, ValidationInfo, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
-__all__ = ["Cohort", "CohortConfig", "Distribution", "PatientSpec", "stream_seed"]
+from virtualpatient.limits import MAX_GAIN, MAX_SCALE
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["COVARIATES", "Cohort", "CohortConfig", "Distribution", "PatientSpec", "STATE_COVARIATES",
+           "check_covariates", "stream_seed"]
 
 COVARIATES = ("prune_fraction", "regrowth_fraction", "lr_scale")
+#: Covariates that set a patient's modulation state (see the module docstring); recorded only when set.
+STATE_COVARIATES = ("gain_sensitivity", "protection_scale")
 
 
 #: The parameters each kind of distribution takes (required, optional).
@@ -48,7 +76,9 @@ DISTRIBUTION_PARAMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 COVARIATE_LIMITS: dict[str, tuple[float, float, bool, bool]] = {
     "prune_fraction": (0.0, 1.0, True, False),
     "regrowth_fraction": (0.0, 1.0, True, True),
-    "lr_scale": (0.0, np.inf, False, False),
+    "lr_scale": (0.0, MAX_SCALE, False, True),
+    "gain_sensitivity": (0.0, MAX_GAIN, True, True),
+    "protection_scale": (0.0, 1.0, True, True),
 }
 
 
@@ -168,13 +198,21 @@ class CohortConfig:
         [0, 1] (default: the arm's own ``regrow_fraction``, 0.5).
     lr_scale
         Plasticity reserve as a multiplier (> 0) of every learning rate after the baseline (default 1).
+    gain_sensitivity
+        Response to a drug's gain, >= 0: the hidden layers see ``1 + s (gain - 1)`` (default 1:
+        the arm's own gain).
+    protection_scale
+        Response to the mood stabiliser, in [0, 1]: the hidden layers see ``s * protection``
+        (default 1).
     """
 
     prune_fraction: Covariate = None
     regrowth_fraction: Covariate = None
     lr_scale: Covariate = None
+    gain_sensitivity: Covariate = None
+    protection_scale: Covariate = None
 
-    @field_validator(*COVARIATES, mode="before")
+    @field_validator(*COVARIATES, *STATE_COVARIATES, mode="before")
     @classmethod
     def _parse(cls, value: Any) -> Any:
         if value is None or isinstance(value, Distribution):
@@ -186,20 +224,61 @@ class CohortConfig:
                              f"high = ...}}, got {type(value).__name__} {value!r}")
         return float(value)
 
-    @field_validator(*COVARIATES, mode="after")
+    @field_validator(*COVARIATES, *STATE_COVARIATES, mode="after")
     @classmethod
     def _range(cls, value: Any, info: ValidationInfo) -> Any:
         if value is None:
             return value
-        lo, hi, lo_ok, hi_ok = COVARIATE_LIMITS[info.field_name]
         vlo, vhi = value.bounds() if isinstance(value, Distribution) else (value, value)
-        if not ((vlo > lo or (lo_ok and vlo == lo)) and (vhi < hi or (hi_ok and vhi == hi))):
-            interval = f"{'[' if lo_ok else '('}{lo:g}, {hi:g}{']' if hi_ok else ')'}"
-            got = f"{vlo:g}" if vlo == vhi else f"values in [{vlo:g}, {vhi:g}]"
+        problem = _out_of_range(info.field_name, vlo, vhi)
+        if problem:
             if not (np.isfinite(vlo) and np.isfinite(vhi)):
-                got += " (give low and high to truncate the normal)"
-            raise ValueError(f"must lie in {interval}, got {got}")
+                problem += " (give low and high to truncate the normal)"
+            raise ValueError(problem)
         return value
+
+
+def _out_of_range(name: str, vlo: float, vhi: float) -> str:
+    """The complaint when values ``vlo``..``vhi`` leave covariate ``name``'s range ('' when they do not)."""
+    lo, hi, lo_ok, hi_ok = COVARIATE_LIMITS[name]
+    if (vlo > lo or (lo_ok and vlo == lo)) and (vhi < hi or (hi_ok and vhi == hi)):
+        return ""
+    interval = f"{'[' if lo_ok else '('}{lo:g}, {hi:g}{']' if hi_ok else ')'}"
+    got = f"{vlo:g}" if vlo == vhi else f"values in [{vlo:g}, {vhi:g}]"
+    return f"must lie in {interval}, got {got}"
+
+
+def check_covariates(covariates: dict[str, float] | None) -> dict[str, float]:
+    """Validate one patient's covariates (names and ranges; NaN means "the protocol's value").
+
+    Returns
+    -------
+    dict
+        The covariates as floats.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name or a value outside the covariate's range.
+    TypeError
+        For a value that is not a number.
+
+    Examples
+    --------
+    >>> check_covariates({"gain_sensitivity": 0.5})
+    {'gain_sensitivity': 0.5}
+    """
+    out: dict[str, float] = {}
+    for name, value in (covariates or {}).items():
+        if name not in COVARIATE_LIMITS:
+            raise ValueError(f"unknown covariate {name!r} (known: {', '.join(COVARIATE_LIMITS)})")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            raise TypeError(f"covariate {name} must be a number, got {type(value).__name__}")
+        value = float(value)
+        if not math.isnan(value) and (problem := _out_of_range(name, value, value)):
+            raise ValueError(f"covariate {name} {problem}")
+        out[name] = value
+    return out
 
 
 def stream_seed(study_seed: int, patient: int, name: str) -> np.random.SeedSequence:
@@ -239,6 +318,8 @@ class PatientSpec:
 
     def generator(self, name: str, device: str | torch.device = "cpu") -> torch.Generator:
         """A torch generator for the named stream (same name, same numbers)."""
+        import torch  # here, not at the top: the protocol (and analysis) load without torch
+
         state = stream_seed(self.study_seed, self.index, name).generate_state(1, np.uint64)[0]
         g = torch.Generator(device=device)
         g.manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
@@ -265,7 +346,9 @@ class Cohort(Sequence[PatientSpec]):
         """Draw each patient's covariates from its own stream (``cohort/<covariate>``).
 
         ``defaults`` gives the value of a covariate that the config leaves at ``None``; one missing
-        there too is recorded as NaN, which means "the protocol's own value" downstream.
+        there too is recorded as NaN, which means "the protocol's own value" downstream. A
+        :data:`STATE_COVARIATES` entry left unset in both is not recorded at all (so the specs,
+        and everything stored from them, are what they were before these covariates existed).
         """
         defaults = defaults or {}
         patients = []
@@ -275,6 +358,15 @@ class Cohort(Sequence[PatientSpec]):
                 value = getattr(config, name)
                 if value is None:
                     value = defaults.get(name, math.nan)
+                if isinstance(value, Distribution):
+                    value = value.sample(spec.rng(f"cohort/{name}"))
+                spec.covariates[name] = float(value)
+            for name in STATE_COVARIATES:
+                value = getattr(config, name)
+                if value is None:
+                    value = defaults.get(name)
+                if value is None:
+                    continue
                 if isinstance(value, Distribution):
                     value = value.sample(spec.rng(f"cohort/{name}"))
                 spec.covariates[name] = float(value)

@@ -1,10 +1,16 @@
-"""Run units of work on a Dask cluster (optional: ``pip install -e '.[dask]'``).
+"""Run units of work beside this process: a local process pool, or a Dask cluster.
 
-:func:`connect` starts a local cluster of one-thread worker processes on loopback, or connects
-to a running scheduler; :class:`~virtualpatient.trial.ClinicalTrial` then submits its units through
-Dask's own executor interface, ``client.get_executor(pure=False)`` (``pure=False`` because Dask
-would otherwise cache calls with equal arguments). Units travel as plain data: the resolved
-protocol as a dict, patients' state dicts in, tidy rows and state dicts out; never modules.
+:func:`local_pool` is the command's default on a machine with several cores: a standard-library
+:class:`~concurrent.futures.ProcessPoolExecutor` of spawned single-threaded workers (processes, not
+threads: two one-thread processes beat one two-thread process here, ``docs/performance.md``), and
+:func:`stop_pool` ends it, at once after an interruption.
+
+For clusters, Dask (optional: ``pip install -e '.[dask]'``): :func:`connect` starts a local
+cluster of one-thread worker processes on loopback, or connects to a running scheduler;
+:class:`~virtualpatient.trial.ClinicalTrial` then submits its units through Dask's own executor
+interface, ``client.get_executor(pure=False)`` (``pure=False`` because Dask would otherwise cache
+calls with equal arguments). Units travel as plain data: the resolved protocol as a dict, patients'
+state dicts in, tidy rows and state dicts out; never modules.
 
 Dask is imported only here, and only when this module's functions are called, so the library and
 its default in-process run do not need it.
@@ -29,14 +35,68 @@ Examples
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 
-__all__ = ["DistributedError", "close", "connect", "torch_threads_plugin"]
+from virtualpatient.errors import VirtualPatientError
+
+__all__ = ["DistributedError", "close", "connect", "default_workers", "local_pool", "stop_pool",
+           "torch_threads_plugin"]
 
 INSTALL_HINT = "install the dask extra: pip install -e '.[dask]'"
 
 
-class DistributedError(RuntimeError):
+class DistributedError(VirtualPatientError, RuntimeError):
     """The Dask backend cannot be used (not installed, scheduler unreachable, bad arguments)."""
+
+
+def default_workers() -> int:
+    """The cores this process may run on (its CPU affinity), the command's default ``--workers``."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def local_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of ``workers`` spawned worker processes with one torch thread each.
+
+    Examples
+    --------
+    >>> pool = local_pool(2)
+    >>> pool.submit(sum, [1, 2]).result()
+    3
+    >>> stop_pool(pool)
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_one_thread)
+
+
+def stop_pool(pool: ProcessPoolExecutor, interrupted: bool = False) -> None:
+    """Shut a :func:`local_pool` down; after an interruption, end its workers at once.
+
+    Without ``interrupted`` it waits for the units in flight. With it, queued units are cancelled
+    and the workers are terminated (their units are lost; finished units are already stored).
+    """
+    if not interrupted:
+        pool.shutdown(wait=True)
+        return
+    processes = list(getattr(pool, "_processes", {}).values())  # no public way to end them before 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=10)
 
 
 def _import_distributed():

@@ -17,7 +17,10 @@ The hidden layer computes, in this order (fact 3)::
     h *= damping * effective_gain(gain, p)
     h -= inhibition * p                             # stabiliser, if p > 0
 
-The output layer is plain linear.
+The output layer is plain linear. ``gain``, ``damping``, ``sigma`` and ``p`` may be one value per
+patient (:class:`Modulation`): when they are shared the engine passes floats to its kernels as
+always; when they differ it calls the same kernels once per patient slice with that patient's floats
+(``[P, 1, 1]`` tensors on the dense path), so each patient computes what it computes alone.
 
 The engine
 ----------
@@ -38,11 +41,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -58,21 +63,81 @@ __all__ = [
     "Modulation",
     "NoiseSource",
     "NonFiniteError",
+    "PER_PATIENT_FIELDS",
     "Params",
+    "PerPatient",
     "accuracy",
     "engine_options",
     "eval_group_size",
     "forward",
+    "hidden_terms",
     "init_params",
+    "per_patient",
     "train",
 ]
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": torch.relu, "tanh": torch.tanh}
 
 
+#: The fields of :class:`Modulation` that may hold one value per patient.
+PER_PATIENT_FIELDS = ("gain", "damping", "noise_sigma", "protection")
+
+#: A value shared by a batch (a float) or one per patient (a tuple of floats, not all equal).
+PerPatient = float | tuple[float, ...]
+
+
+def per_patient(value: object, name: str = "value") -> PerPatient:
+    """Normalise a modulation value: a number -> ``float``; a sequence, 1-D array or 1-D tensor of
+    numbers -> a ``tuple`` of floats, or one ``float`` when all are equal (so a uniform value takes
+    the scalar path of the engine, bit for bit).
+
+    A float32 tensor gives the float32 values (``torch.tensor([1.1])`` is 1.100000023841858);
+    pass a list or a float64 tensor for exact decimal values.
+
+    Raises
+    ------
+    TypeError
+        For anything but a number or a one-dimensional collection of numbers.
+    ValueError
+        For an empty collection, a non-finite value or an array of another shape.
+    """
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        if value.ndim > 1:
+            raise ValueError(f"{name} must be a number or one value per patient, got shape {tuple(value.shape)}")
+        value = value.tolist()
+    if isinstance(value, (bool, str, bytes)):
+        raise TypeError(f"{name} must be a number or a sequence of numbers, got {type(value).__name__}")
+    if isinstance(value, numbers.Real):
+        values: tuple[float, ...] = (float(value),)
+    elif isinstance(value, Iterable):
+        items = list(value)
+        if not items:
+            raise ValueError(f"{name} needs at least one value")
+        bad = [v for v in items if isinstance(v, bool) or not isinstance(v, numbers.Real)]
+        if bad:
+            raise TypeError(f"{name} must hold numbers, got {type(bad[0]).__name__} {bad[0]!r}")
+        values = tuple(float(v) for v in items)
+    else:
+        raise TypeError(f"{name} must be a number or a sequence of numbers, got {type(value).__name__}")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return values[0] if all(v == values[0] for v in values) else values
+
+
+def _at(value: PerPatient, i: int) -> float:
+    """Patient ``i``'s value of a :data:`PerPatient` value."""
+    return value[i] if isinstance(value, tuple) else value
+
+
 @dataclass(frozen=True)
 class Modulation:
-    """The neuromodulatory state of the hidden layers, shared by a batch of patients.
+    """The neuromodulatory state of the hidden layers of a batch of patients.
+
+    ``gain``, ``damping``, ``noise_sigma`` and ``protection`` are each one float (every patient
+    the same: the engine's scalar path) or one value per patient, given as a sequence, array or
+    1-D tensor and stored as a tuple of floats (a sequence whose values are all equal is stored as
+    that one float). ``activation`` is batch-wide: a batch whose patients need different activations
+    is split into one batch per activation.
 
     Attributes
     ----------
@@ -83,27 +148,141 @@ class Modulation:
     activation
         ``"relu"`` or ``"tanh"`` (neurosteroid-like).
     noise_sigma
-        SD of internal Gaussian noise added after each activation.
+        SD of internal Gaussian noise added after each activation, >= 0.
     protection
         Mood-stabiliser protection ``p`` in [0, 1].
+
+    Examples
+    --------
+    >>> mod = Modulation().replace(gain=[1.1, 1.3])
+    >>> mod.gain, mod.n_patients, mod.take([1]).gain
+    ((1.1, 1.3), 2, 1.3)
+    >>> Modulation(gain=[1.25, 1.25]) == Modulation(gain=1.25)
+    True
     """
 
-    gain: float = 1.0
-    damping: float = 1.0
+    gain: PerPatient = 1.0
+    damping: PerPatient = 1.0
     activation: Literal["relu", "tanh"] = "relu"
-    noise_sigma: float = 0.0
-    protection: float = 0.0
+    noise_sigma: PerPatient = 0.0
+    protection: PerPatient = 0.0
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        if not 0.0 <= self.protection <= 1.0:
+        for name in PER_PATIENT_FIELDS:
+            object.__setattr__(self, name, per_patient(getattr(self, name), name))
+        lengths = {name: len(v) for name in PER_PATIENT_FIELDS if isinstance(v := getattr(self, name), tuple)}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"per-patient values must all have one length, got {lengths}")
+        if not all(0.0 <= p <= 1.0 for p in self.values("protection")):
             raise ValueError(f"protection must lie in [0, 1], got {self.protection}")
-        if self.noise_sigma < 0:
+        if any(s < 0 for s in self.values("noise_sigma")):
             raise ValueError(f"noise_sigma must be >= 0, got {self.noise_sigma}")
 
     def replace(self, **changes) -> Modulation:
+        """A copy with fields replaced (numbers, or one value per patient)."""
         return replace(self, **changes)
+
+    @property
+    def n_patients(self) -> int | None:
+        """How many patients the per-patient values are for (``None``: every value is shared)."""
+        for name in PER_PATIENT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                return len(value)
+        return None
+
+    @property
+    def noisy(self) -> bool:
+        """Whether any patient has internal noise."""
+        return any(s > 0 for s in self.values("noise_sigma"))
+
+    def values(self, name: str, n: int | None = None) -> list[float]:
+        """Field ``name`` as a list: one entry per patient (``n`` of them for a shared value; one
+        entry when ``n`` is not given)."""
+        if name not in PER_PATIENT_FIELDS:
+            raise ValueError(f"{name!r} is not a per-patient field ({', '.join(PER_PATIENT_FIELDS)})")
+        value = getattr(self, name)
+        return list(value) if isinstance(value, tuple) else [value] * (1 if n is None else n)
+
+    def patient(self, i: int) -> Modulation:
+        """Patient ``i``'s modulation (every value a float)."""
+        return replace(self, **{name: _at(getattr(self, name), i) for name in PER_PATIENT_FIELDS})
+
+    def take(self, positions: Sequence[int]) -> Modulation:
+        """The modulation of a sub-batch: the per-patient values at ``positions`` (shared ones stay)."""
+        positions = list(positions)
+        changes = {name: tuple(value[i] for i in positions) for name in PER_PATIENT_FIELDS
+                   if isinstance(value := getattr(self, name), tuple)}
+        return replace(self, **changes) if changes else self
+
+    @staticmethod
+    def cat(items: Sequence[tuple[Modulation, int]]) -> Modulation:
+        """The modulation of batches concatenated along the patient axis, from ``(modulation, size)``
+        pairs (one activation for all)."""
+        if not items:
+            raise ValueError("nothing to concatenate")
+        first = items[0][0]
+        if any(m.activation != first.activation for m, _ in items):
+            raise ValueError("only batches with the same activation can be stacked")
+        for m, n in items:
+            if m.n_patients not in (None, n):
+                raise ValueError(f"a modulation for {m.n_patients} patients given for a batch of {n}")
+        return replace(first, **{name: tuple(v for m, n in items for v in m.values(name, n))
+                                 for name in PER_PATIENT_FIELDS})
+
+    def check(self, n_patients: int) -> Modulation:
+        """``self``, if its per-patient values fit a batch of ``n_patients``.
+
+        Raises
+        ------
+        ValueError
+            When they are for another number of patients.
+        """
+        if self.n_patients not in (None, n_patients):
+            raise ValueError(f"the modulation has values for {self.n_patients} patients, the batch has {n_patients}")
+        return self
+
+
+def hidden_terms(mod: Modulation, stab: StabiliserConfig) -> tuple[PerPatient, PerPatient]:
+    """``(scale, shift)`` of the hidden layers: ``damping * effective_gain`` and the inhibitory shift.
+
+    Shared when ``mod`` is (the same expressions as always); otherwise computed per patient with
+    the same float expressions, so patient ``i``'s terms are exactly those it has alone.
+    """
+    if mod.n_patients is None:
+        p = mod.protection
+        return mod.damping * stabiliser.effective_gain(mod.gain, p, stab), stabiliser.inhibitory_shift(p, stab)
+    terms = [hidden_terms(mod.patient(i), stab) for i in range(mod.n_patients)]
+    return per_patient([t[0] for t in terms]), per_patient([t[1] for t in terms])
+
+
+def _lift(mod: Modulation, biased: BiasedNoise, stab: StabiliserConfig) -> PerPatient:
+    """The biased-noise shift ``shift * (1 - f p)``, per patient when protection is."""
+    if not isinstance(mod.protection, tuple):
+        return biased.shift * stabiliser.biased_shift_scale(mod.protection, stab)
+    return per_patient([biased.shift * stabiliser.biased_shift_scale(p, stab) for p in mod.protection])
+
+
+def _nominal(mod: Modulation) -> PerPatient:
+    """``damping * gain`` (the activation-magnitude factor), per patient when either is."""
+    if mod.n_patients is None:
+        return mod.damping * mod.gain
+    return per_patient([d * g for d, g in zip(mod.values("damping", mod.n_patients),
+                                               mod.values("gain", mod.n_patients))])
+
+
+def _per_row(value: PerPatient, like: torch.Tensor) -> float | torch.Tensor:
+    """``value`` itself when shared, else a ``[P, 1, ...]`` tensor to broadcast against ``like``."""
+    if not isinstance(value, tuple):
+        return value
+    return torch.tensor(value, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.ndim - 1)))
+
+
+def _times(h: torch.Tensor, factor: PerPatient) -> torch.Tensor:
+    """``h * factor`` with ``factor`` shared or one per patient (leading axis)."""
+    return h * _per_row(factor, h)
 
 
 @dataclass(frozen=True)
@@ -125,17 +304,24 @@ class NoiseSource:
     def __init__(self, generators: Sequence[torch.Generator]) -> None:
         self.generators = list(generators)
 
-    def __call__(self, shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    def __call__(self, shape: Sequence[int], device: torch.device | str = "cpu",
+                 patients: Sequence[bool] | None = None) -> torch.Tensor:
         if shape[0] != len(self.generators):
             raise ValueError(f"noise for {shape[0]} patients requested from {len(self.generators)} generators")
-        return self.fill_(torch.empty(tuple(shape), device=device))
+        return self.fill_(torch.empty(tuple(shape), device=device), patients)
 
-    def fill_(self, out: torch.Tensor) -> torch.Tensor:
-        """Fill ``out`` ``[P, ...]`` in place (each ``out[i]`` must be contiguous); returns ``out``."""
+    def fill_(self, out: torch.Tensor, patients: Sequence[bool] | None = None) -> torch.Tensor:
+        """Fill ``out`` ``[P, ...]`` in place (each ``out[i]`` must be contiguous); returns ``out``.
+
+        With ``patients``, only the slots marked ``True`` are drawn; the others are zero and their
+        generators are not advanced (a patient without noise draws none, as it would alone).
+        """
         if out.shape[0] != len(self.generators):
             raise ValueError(f"noise for {out.shape[0]} patients requested from {len(self.generators)} generators")
-        for slot, g in zip(out, self.generators):
-            if slot.device == g.device and slot.is_contiguous():
+        for i, (slot, g) in enumerate(zip(out, self.generators)):
+            if patients is not None and not patients[i]:
+                slot.zero_()
+            elif slot.device == g.device and slot.is_contiguous():
                 slot.normal_(generator=g)  # what torch.randn(shape, generator=g) does, without a copy
             else:
                 slot.copy_(torch.randn(tuple(slot.shape), generator=g, device=g.device))
@@ -297,23 +483,27 @@ def engine_options(**changes) -> Iterator[EngineConfig]:
 # --------------------------------------------------------------------------------------------
 def _forward_dense(params, x, mod, stab, noise, biased, magnitudes) -> torch.Tensor:
     act = ACTIVATIONS[mod.activation]
-    p = mod.protection
-    scale = mod.damping * stabiliser.effective_gain(mod.gain, p, stab)
-    shift = stabiliser.inhibitory_shift(p, stab)
+    scale, shift = hidden_terms(mod.check(params.n_patients), stab)
+    drawn = _drawn(mod.noise_sigma)
     n_hidden = len(params.weights) - 1
     h = x
     for i in range(n_hidden):
         h = act(torch.baddbmm(params.biases[i].unsqueeze(1), h, params.weights[i].transpose(1, 2)))
         if magnitudes is not None:
-            magnitudes.append((h * (mod.damping * mod.gain)).abs().mean(dim=(1, 2)))
-        if mod.noise_sigma > 0:
-            h = h + mod.noise_sigma * noise(h.shape, h.device)
+            magnitudes.append(_times(h, _nominal(mod)).abs().mean(dim=(1, 2)))
+        if mod.noisy:
+            h = h + _times(noise(h.shape, h.device, drawn), mod.noise_sigma)
         if biased is not None:
-            h = h + biased.sigma * noise(h.shape, h.device) + biased.shift * stabiliser.biased_shift_scale(p, stab)
-        h = h * scale
+            h = h + biased.sigma * noise(h.shape, h.device) + _per_row(_lift(mod, biased, stab), h)
+        h = _times(h, scale)
         if shift:
-            h = h - shift
+            h = h - _per_row(shift, h)
     return torch.baddbmm(params.biases[-1].unsqueeze(1), h, params.weights[-1].transpose(1, 2))
+
+
+def _drawn(sigma: PerPatient) -> list[bool] | None:
+    """Which patients draw internal noise (``None``: all of them, or none when ``sigma`` is 0)."""
+    return [s > 0 for s in sigma] if isinstance(sigma, tuple) else None
 
 
 def forward(
@@ -326,6 +516,9 @@ def forward(
     magnitudes: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Logits ``[P, N, C]`` of inputs ``x`` ``[P, N, in]`` (the layer order is in the module docstring).
+
+    ``mod`` may hold one value per patient (:class:`Modulation`); patient ``i`` then computes
+    exactly what it computes alone with ``mod.patient(i)``.
 
     Without gradients (evaluation) this runs on the engine (compressed layers, reused buffers);
     when the weights, biases or ``x`` require gradients it runs the dense autograd-visible math.
@@ -356,13 +549,14 @@ def _evaluate(params: Params, x: torch.Tensor, mod: Modulation, stab: Stabiliser
     """The engine's evaluation, in groups of networks that fit :attr:`EngineConfig.eval_max_bytes`."""
     widths = [x.shape[2]] + [w.shape[1] for w in params.weights]
     nets = _eval_nets(params, eval_group_size(x.shape[1], widths))
+    mod.check(params.n_patients)
     if len(nets) == 1:
         return nets[0][1].forward_eval(x, mod, stab, noise, biased, magnitudes)
     logits, found = [], []
     for (p0, net), p1 in zip(nets, [p0 for p0, _ in nets[1:]] + [params.n_patients]):
         part = None if noise is None else NoiseSource(noise.generators[p0:p1])
         found.append(None if magnitudes is None else [])
-        logits.append(net.forward_eval(x[p0:p1], mod, stab, part, biased, found[-1]))
+        logits.append(net.forward_eval(x[p0:p1], mod.take(range(p0, p1)), stab, part, biased, found[-1]))
     if magnitudes is not None:
         magnitudes.extend(torch.cat(layer) for layer in zip(*found))
     return torch.cat(logits)
@@ -663,23 +857,22 @@ class _Net:
                  noise: NoiseSource | None) -> torch.Tensor:
         """Logits ``[P, C, B]`` of transposed inputs ``xt`` ``[P, in, B]``; keeps what :meth:`step`'s
         backward pass needs. Same operations, same order as the dense path (module docstring)."""
-        p = mod.protection
-        scale = mod.damping * stabiliser.effective_gain(mod.gain, p, stab)
-        shift = stabiliser.inhibitory_shift(p, stab)
+        scale, shift = hidden_terms(mod.check(xt.shape[0]), stab)
         n_patients, n = xt.shape[0], xt.shape[2]
         inputs, derivs = [xt], []
         h = xt
         relu = mod.activation == "relu"
-        if self.reduction is not None and mod.noise_sigma > 0:
+        noisy = mod.noisy
+        if self.reduction is not None and noisy:
             raise ValueError("a reduced network trains without internal noise only")
         consts = self._constants(mod.activation, scale, shift)
         for i, layer in enumerate(self.layers[:-1]):
             units = layer.bias.shape[1]
             z = layer.forward(h, _buffer(f"train/a{i}", (n_patients, units, n), xt), self._bias(i, consts))
             d = _buffer(f"train/d{i}", z.shape, z, torch.bool if relu else None)
-            if mod.noise_sigma > 0:  # act, noise (drawn [P, B, units] as the dense path), * scale, - shift
+            if noisy:  # act, noise (drawn [P, B, units] as the dense path), * scale, - shift
                 h, d = sparse.post_activation(z, mod.activation, 1.0, 0.0, deriv=d, kind=self.kind)
-                draw = noise.fill_(_buffer("train/noise", (n_patients, n, units), xt))
+                draw = noise.fill_(_buffer("train/noise", (n_patients, n, units), xt), _drawn(mod.noise_sigma))
                 sparse.add_noise_t(h, draw, mod.noise_sigma, 0.0, scale, shift, kind=self.kind)
             else:  # one fused pass (x * 1.0 and x - 0.0 are skipped: they change nothing)
                 h, d = sparse.post_activation(z, mod.activation, scale, shift, deriv=d, kind=self.kind)
@@ -754,29 +947,26 @@ class _Net:
     def forward_eval(self, x: torch.Tensor, mod: Modulation, stab: StabiliserConfig, noise: NoiseSource | None,
                      biased: BiasedNoise | None, magnitudes: list[torch.Tensor] | None) -> torch.Tensor:
         """Logits ``[P, N, C]`` (no autograd; the same operations in the same order as the dense path)."""
-        p = mod.protection
-        scale = mod.damping * stabiliser.effective_gain(mod.gain, p, stab)
-        shift = stabiliser.inhibitory_shift(p, stab)
+        scale, shift = hidden_terms(mod.check(x.shape[0]), stab)
         n_patients, n = x.shape[0], x.shape[1]
-        sigmas = ([mod.noise_sigma] if mod.noise_sigma > 0 else []) + ([biased.sigma] if biased else [])
-        lift = biased.shift * stabiliser.biased_shift_scale(p, stab) if biased is not None else 0.0
+        sigmas = ([mod.noise_sigma] if mod.noisy else []) + ([biased.sigma] if biased else [])
+        drawn = [_drawn(mod.noise_sigma)] * mod.noisy + [None] * (biased is not None)
+        lift = _lift(mod, biased, stab) if biased is not None else 0.0
         h = x.transpose(1, 2).contiguous()
         for i, layer in enumerate(self.layers[:-1]):
             units = layer.bias.shape[1]
             z = layer.forward(h, _buffer(f"eval/h{i % 2}", (n_patients, units, n), x))
             if magnitudes is not None:
                 h, _ = sparse.post_activation(z, mod.activation, 1.0, 0.0, deriv=False, kind=self.kind)
-                magnitudes.append((h * (mod.damping * mod.gain)).abs().mean(dim=(1, 2)))
-                if not sigmas and scale != 1.0:
-                    h.mul_(scale)
-                if not sigmas and shift:
-                    h.sub_(shift)
+                magnitudes.append(_times(h, _nominal(mod)).abs().mean(dim=(1, 2)))
+                if not sigmas:
+                    sparse.scale_shift_(h, scale, shift)
             elif sigmas:
                 h, _ = sparse.post_activation(z, mod.activation, 1.0, 0.0, deriv=False, kind=self.kind)
             else:  # act, * scale, - shift in one pass
                 h, _ = sparse.post_activation(z, mod.activation, scale, shift, deriv=False, kind=self.kind)
             for k, sigma in enumerate(sigmas):  # each [P, N, units] in the dense path's order
-                draw = noise.fill_(_buffer("eval/noise", (n_patients, n, units), x))
+                draw = noise.fill_(_buffer("eval/noise", (n_patients, n, units), x), drawn[k])
                 last = k == len(sigmas) - 1
                 sparse.add_noise_t(h, draw, sigma, lift if last else 0.0, scale if last else 1.0,
                                    shift if last else 0.0, kind=self.kind)
@@ -870,7 +1060,7 @@ def train(
     # Constant units stay constant only without internal noise (drawn per unit and sample); the
     # reduction saves CPU work, a GPU runs the full network.
     reduce = (ENGINE.reduce_units and x.device.type == "cpu"
-              and all(schedule(e).noise_sigma == 0 for e in range(epochs)))
+              and not any(schedule(e).noisy for e in range(epochs)))
     net = _Net(params, reduce=reduce)
     leaves, segments = net.leaves()
     opt = BatchedAdam(leaves, lr, segments=segments)

@@ -67,6 +67,8 @@ from pydantic.dataclasses import dataclass
 
 from virtualpatient import plasticity
 from virtualpatient.assessments import ACUTE, ASSESSMENTS, OFF_MEDICATION, rows_for
+from virtualpatient.errors import VirtualPatientError
+from virtualpatient.limits import MAX_EPOCHS, MAX_LEVELS, MAX_LR, MAX_NOISE, MAX_STEPS
 from virtualpatient.network import Modulation, NoiseSource, NonFiniteError, Params
 from virtualpatient.stabiliser import washout_schedule
 
@@ -112,16 +114,23 @@ DISCONTINUED = Modulation()
 #: The results' ``arm`` of the spine (the phases every patient shares before the regimens fork).
 SPINE = "untreated"
 
+#: Phase labels only the spine may use (the paper's: its rows before any regimen; the run folder
+#: refuses them in a regimen's unit).
+SPINE_LABELS = ("baseline", "pruned")
+
 #: Conditions a phase's ``when`` may name: every patient, or those whose last wash-out verdict was
 #: relapse / no relapse.
 CONDITIONS = ("always", "relapsed", "remitted")
 
 PHASES: dict[str, type[Phase]] = {}
 
-_phase = dataclass(frozen=True, config=ConfigDict(extra="forbid", arbitrary_types_allowed=True), kw_only=True)
+#: Phases are frozen, validated, keyword-only dataclasses; floats refuse NaN and inf and every
+#: number has finite bounds (:mod:`virtualpatient.limits`), as every protocol number does.
+_phase = dataclass(frozen=True, config=ConfigDict(extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False),
+                   kw_only=True)
 
 
-class TrainingDivergedError(FloatingPointError):
+class TrainingDivergedError(VirtualPatientError, FloatingPointError):
     """A training step produced NaN or inf; the message names patients, arm, phase and epoch."""
 
 
@@ -353,8 +362,8 @@ class Train(Phase):
     """
 
     label: str = "baseline training"
-    epochs: int | None = Field(None, ge=0)
-    lr: float | None = Field(None, gt=0)
+    epochs: int | None = Field(None, ge=0, le=MAX_EPOCHS)
+    lr: float | None = Field(None, gt=0, le=MAX_LR)
     scale_lr: bool = False
     stream: str = "baseline"
 
@@ -448,9 +457,9 @@ class Stress(Phase):
     further: float = Field(0.0, ge=0, lt=1)
     cap: float | None = Field(None, gt=0, lt=1)
     layers: Literal["lesion", "all", "hidden"] = "lesion"
-    epochs: int = Field(0, ge=0)
-    lr: float | None = Field(None, gt=0)
-    noise_sigma: float = Field(0.0, ge=0)
+    epochs: int = Field(0, ge=0, le=MAX_EPOCHS)
+    lr: float | None = Field(None, gt=0, le=MAX_LR)
+    noise_sigma: float = Field(0.0, ge=0, le=MAX_NOISE)
     scar: bool = False
 
     @model_validator(mode="after")
@@ -595,7 +604,7 @@ class Maintain(Phase):
 
     label: str = "maintenance"
     epochs: int | tuple[int, ...] | None = None
-    lr: float | None = Field(None, gt=0)
+    lr: float | None = Field(None, gt=0, le=MAX_LR)
     stabiliser: bool = True
     protection: float | None = Field(None, ge=0, le=1)
     nested: bool | None = None
@@ -610,11 +619,13 @@ class Maintain(Phase):
     @field_validator("epochs")
     @classmethod
     def _epochs(cls, v):
-        if isinstance(v, int) and v < 0:
-            raise ValueError("Input should be greater than or equal to 0")
+        if isinstance(v, int) and not 0 <= v <= MAX_EPOCHS:
+            raise ValueError(f"Input should be between 0 and {MAX_EPOCHS}")
         if isinstance(v, tuple):
-            if not v:
-                raise ValueError("needs at least one duration")
+            if not v or len(v) > MAX_LEVELS:
+                raise ValueError(f"needs 1 to {MAX_LEVELS} durations")
+            if max(v) > MAX_EPOCHS:
+                raise ValueError(f"durations must be <= {MAX_EPOCHS}")
             if any(d < 0 for d in v) or list(v) != sorted(set(v)):
                 raise ValueError("durations must be >= 0, distinct and increasing")
         return v
@@ -697,9 +708,9 @@ class Discontinue(Phase):
     """
 
     label: str = "taper"
-    steps: int = Field(0, ge=0)
-    epochs_per_step: int = Field(0, ge=0)
-    lr: float | None = Field(None, gt=0)
+    steps: int = Field(0, ge=0, le=MAX_STEPS)
+    epochs_per_step: int = Field(0, ge=0, le=MAX_EPOCHS)
+    lr: float | None = Field(None, gt=0, le=MAX_LR)
     tests: tuple[str, ...] = ("biased",)
 
     @field_validator("tests")
@@ -760,9 +771,9 @@ class Washout(Phase):
     """
 
     label: str = "washout"
-    steps: int | None = Field(None, ge=0)
+    steps: int | None = Field(None, ge=0, le=MAX_STEPS)
     decay: float | None = Field(None, ge=0, le=1)
-    test_every: int = Field(1, ge=1)
+    test_every: int = Field(1, ge=1, le=MAX_STEPS)
     threshold: float | None = Field(None, ge=0, le=100)
 
     def stream_keys(self) -> tuple[str, ...]:
@@ -817,7 +828,7 @@ class Repeat(Phase):
     """Run a block of phases ``times`` times in a row; the rows of cycle k carry ``cycle = k`` (1-based)."""
 
     label: str | None = None
-    times: int = Field(..., ge=1)
+    times: int = Field(..., ge=1, le=MAX_STEPS)
     phases: tuple[Any, ...] = ()
 
     @field_validator("phases")
@@ -1115,6 +1126,10 @@ def check_schedule(spine: Sequence[Phase], regimens: dict[str, Sequence[Phase]],
         check_distinct(list(regimens), "regimen")
     except ValueError as exc:
         problems.append(f"regimens: {exc}")
+    for name, phases in regimens.items():
+        for p, where in _walk(phases, f"regimens.{name}"):
+            if p.label in SPINE_LABELS:
+                problems.append(f"{where}.label: {p.label!r} is reserved for the spine's rows")
     tracks = [("schedule", list(spine), None)] + [(f"regimens.{n}", list(r), n) for n, r in regimens.items()]
     spine_state = _flow(spine, "schedule", arms, {"treated": False, "verdict": False, "labels": set()}, problems)
     for where, phases, _ in tracks[1:]:

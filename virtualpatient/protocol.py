@@ -34,8 +34,25 @@ import pydantic
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
-from virtualpatient.cohort import CohortConfig
+from virtualpatient.cohort import STATE_COVARIATES, CohortConfig
+from virtualpatient.errors import VirtualPatientError
+from virtualpatient.limits import (
+    MAX_EPOCHS,
+    MAX_GAIN,
+    MAX_LAYER_UNITS,
+    MAX_LAYERS,
+    MAX_LEVELS,
+    MAX_LR,
+    MAX_NOISE,
+    MAX_PATIENTS,
+    MAX_POSITION,
+    MAX_SAMPLES,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_STUDY_BYTES,
+)
 from virtualpatient.names import check_distinct, check_name
+from virtualpatient.schema import PAPER_PHASES, UNTREATED
 
 __all__ = [
     "AssessmentConfig",
@@ -50,17 +67,17 @@ __all__ = [
     "StabiliserConfig",
     "TaskConfig",
     "load_study",
+    "read_study",
 ]
 
-_STRICT = ConfigDict(extra="forbid")
+#: Every protocol table refuses unknown keys, and every float refuses NaN and inf.
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 #: Names an arm may not take: the untreated group and the phases its rows are tagged with
 #: (``docs/results-schema.md``); an arm called ``baseline`` would also share the baseline's unit folder.
-RESERVED_ARM_NAMES = frozenset(
-    {"untreated", "baseline", "pruned", "acute", "maintenance", "washout", "off_medication", "acute_relapse"}
-)
+RESERVED_ARM_NAMES = frozenset({UNTREATED, *PAPER_PHASES})
 
-class ProtocolError(ValueError):
+class ProtocolError(VirtualPatientError, ValueError):
     """A study file or protocol value is invalid; the message names every offending field."""
 
 
@@ -75,6 +92,9 @@ class NetworkConfig:
     def _sizes(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if len(v) < 3 or any(n < 1 for n in v):
             raise ValueError("needs an input, at least one hidden and an output size, all >= 1")
+        if len(v) > MAX_LAYERS + 2 or max(v) > MAX_LAYER_UNITS:
+            raise ValueError(f"at most {MAX_LAYERS} hidden layers of at most {MAX_LAYER_UNITS} units each, "
+                             f"got {len(v) - 2} layers, the widest {max(v)}")
         return v
 
     @property
@@ -93,21 +113,32 @@ class TaskConfig:
     """
 
     centres: tuple[tuple[float, float], ...] = ((-3.0, -3.0), (3.0, 3.0), (-3.0, 3.0), (3.0, -3.0))
-    n_train: int = Field(12_000, ge=1)
-    train_sd: float = Field(0.8, ge=0)
-    n_standard: int = Field(4_000, ge=1)
-    standard_sd: float = Field(0.8, ge=0)
-    n_clean: int = Field(2_000, ge=1)
-    clean_sd: float = Field(0.0, ge=0)
+    n_train: int = Field(12_000, ge=1, le=MAX_SAMPLES)
+    train_sd: float = Field(0.8, ge=0, le=MAX_NOISE)
+    n_standard: int = Field(4_000, ge=1, le=MAX_SAMPLES)
+    standard_sd: float = Field(0.8, ge=0, le=MAX_NOISE)
+    n_clean: int = Field(2_000, ge=1, le=MAX_SAMPLES)
+    clean_sd: float = Field(0.0, ge=0, le=MAX_NOISE)
+
+    @field_validator("centres")
+    @classmethod
+    def _centres(cls, v: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
+        if not 2 <= len(v) <= MAX_LEVELS:
+            raise ValueError(f"needs 2 to {MAX_LEVELS} class centres, got {len(v)}")
+        if any(abs(c) > MAX_POSITION for centre in v for c in centre):
+            raise ValueError(f"centre coordinates must lie in [-{MAX_POSITION:g}, {MAX_POSITION:g}]")
+        if len(set(v)) != len(v):
+            raise ValueError("class centres must be distinct")
+        return v
 
 
 @dataclass(frozen=True, config=_STRICT)
 class BaselineConfig:
     """Baseline training: 20 epochs of Adam at 1e-3, mini-batches of 128 (Methods; fact 1)."""
 
-    epochs: int = Field(20, ge=0)
-    lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(128, ge=1)
+    epochs: int = Field(20, ge=0, le=MAX_EPOCHS)
+    lr: float = Field(1e-3, gt=0, le=MAX_LR)
+    batch_size: int = Field(128, ge=1, le=MAX_SAMPLES)
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -133,18 +164,20 @@ class AssessmentConfig:
     A state-dependent arm is also tested off medication at ``off_medication_sigmas`` (fact 12).
     """
 
-    combined_input_sd: float = Field(1.0, ge=0)
-    combined_internal_sigma: float = Field(0.5, ge=0)
+    combined_input_sd: float = Field(1.0, ge=0, le=MAX_NOISE)
+    combined_internal_sigma: float = Field(0.5, ge=0, le=MAX_NOISE)
     resilience_sigmas: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.5)
     off_medication_sigmas: tuple[float, ...] = (2.5,)
-    biased_sigma: float = Field(1.0, ge=0)
-    biased_shift: float = 1.0
+    biased_sigma: float = Field(1.0, ge=0, le=MAX_NOISE)
+    biased_shift: float = Field(1.0, ge=-MAX_NOISE, le=MAX_NOISE)
 
     @field_validator("resilience_sigmas", "off_medication_sigmas")
     @classmethod
     def _sigmas(cls, v: tuple[float, ...]) -> tuple[float, ...]:
         if not v or any(s < 0 for s in v):
             raise ValueError("needs at least one noise level, all >= 0")
+        if len(v) > MAX_LEVELS or max(v) > MAX_NOISE:
+            raise ValueError(f"at most {MAX_LEVELS} noise levels, each at most {MAX_NOISE:g}")
         return v
 
 
@@ -157,9 +190,9 @@ class StabiliserConfig:
     ``-inhibition * p``, and the biased-noise shift is scaled by ``1 - noise_shift_factor * p``.
     """
 
-    inhibition: float = Field(0.15, ge=0)
+    inhibition: float = Field(0.15, ge=0, le=MAX_NOISE)
     noise_shift_factor: float = Field(0.3, ge=0, le=1)
-    gain_floor: float = Field(1.05, gt=0)
+    gain_floor: float = Field(1.05, gt=0, le=MAX_GAIN)
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -181,17 +214,19 @@ class LongitudinalConfig:
     """
 
     durations: tuple[int, ...] = (25, 50, 100, 150, 200, 300)
-    lr: float = Field(1e-6, gt=0)
+    lr: float = Field(1e-6, gt=0, le=MAX_LR)
     protection: float = Field(1.0, ge=0, le=1)
-    washout_steps: int = Field(50, ge=0)
+    washout_steps: int = Field(50, ge=0, le=MAX_STEPS)
     relapse_threshold: float = Field(60.0, ge=0, le=100)
     nested: bool = True
 
     @field_validator("durations")
     @classmethod
     def _durations(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if any(d < 0 for d in v):
-            raise ValueError("maintenance durations must be >= 0 epochs")
+        if any(d < 0 for d in v) or any(d > MAX_EPOCHS for d in v):
+            raise ValueError(f"maintenance durations must lie in [0, {MAX_EPOCHS}] epochs")
+        if len(v) > MAX_LEVELS:
+            raise ValueError(f"at most {MAX_LEVELS} maintenance durations, got {len(v)}")
         if list(v) != sorted(set(v)):
             raise ValueError("maintenance durations must be distinct and increasing")
         return v
@@ -237,8 +272,8 @@ class Protocol:
     """
 
     name: str = "manic_switch"
-    seed: int = Field(0, ge=0)
-    n_patients: int = Field(10, ge=1)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    n_patients: int = Field(10, ge=1, le=MAX_PATIENTS)
     network: NetworkConfig = dataclasses.field(default_factory=NetworkConfig)
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
     baseline: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
@@ -325,6 +360,11 @@ class Protocol:
                 out[f.name] = _plain(dataclasses.asdict(value))
             else:
                 out[f.name] = value
+        # Unset state covariates are left out, so a protocol that sets none hashes as before they existed
+        # (run folders made then still resume).
+        for name in STATE_COVARIATES:
+            if out["cohort"].get(name) is None:
+                out["cohort"].pop(name, None)
         out.update(self._schedule_dict())
         out["interpretations"] = self.interpretations
         return out
@@ -463,21 +503,51 @@ def load_study(path: str | Path, **overrides: Any) -> Protocol:
     Raises
     ------
     ProtocolError
-        If the file is missing, is not valid TOML, or any field is invalid; the message names the
-        file and each field.
+        If the file is missing, too large, not UTF-8, not valid TOML, sets nothing (an empty study is
+        almost always a mistake, not a request for the defaults), or any field is invalid; the
+        message names the file and each field.
 
     Examples
     --------
     >>> p = load_study("studies/quick.toml", n_patients=2)  # doctest: +SKIP
     """
+    data = read_study(path)
+    if "sweep" in data:
+        raise ProtocolError(f"{path}: has a [sweep] table; run it with 'virtualpatient run' "
+                            "(or virtualpatient.sweeps.load_plan from Python)")
+    data.update(overrides)
+    return Protocol.from_dict(data, source=str(path))
+
+
+def read_study(path: str | Path) -> dict[str, Any]:
+    """The tables of a TOML study file, checked to be a readable, non-empty study (not yet validated).
+
+    Raises
+    ------
+    ProtocolError
+        The file is missing, a folder, too large, not UTF-8, not valid TOML, or sets nothing.
+    """
     path = Path(path)
     try:
-        text = path.read_text()
+        if path.is_dir():
+            raise ProtocolError(f"{path}: is a folder, not a study file")
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_STUDY_BYTES + 1)
     except OSError as exc:
         raise ProtocolError(f"{path}: cannot read study file ({exc.strerror or exc})") from None
+    if len(raw) > MAX_STUDY_BYTES:
+        raise ProtocolError(f"{path}: larger than {MAX_STUDY_BYTES:,} bytes; not a study file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"{path}: not UTF-8 text (byte {exc.start}); save the study file as UTF-8") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ProtocolError(f"{path}: not valid TOML ({exc})") from None
-    data.update(overrides)
-    return Protocol.from_dict(data, source=str(path))
+    except RecursionError:
+        raise ProtocolError(f"{path}: not valid TOML (nested too deeply)") from None
+    if not data:
+        raise ProtocolError(f"{path}: the study file sets nothing; to run the paper's protocol, leave out the study "
+                            "file (virtualpatient reproduce without --study)")
+    return data

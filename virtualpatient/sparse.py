@@ -57,6 +57,8 @@ from pathlib import Path
 
 import torch
 
+from virtualpatient.errors import UsageError
+
 __all__ = [
     "Pattern",
     "add_noise_t",
@@ -400,15 +402,32 @@ def kernels_available() -> bool:
     return _native_lib() is not None
 
 
+#: The values of the ``VIRTUALPATIENT_SPARSE`` environment switch.
+SPARSE_CHOICES = ("auto", "native", "torch", "off")
+
+
+def sparse_setting() -> str:
+    """The ``VIRTUALPATIENT_SPARSE`` switch, validated (``"auto"`` when unset).
+
+    Raises
+    ------
+    UsageError
+        The variable holds another value (the message names the variable and the values it takes).
+    """
+    choice = os.environ.get("VIRTUALPATIENT_SPARSE", "auto").strip().lower() or "auto"
+    if choice not in SPARSE_CHOICES:
+        raise UsageError(f"environment variable VIRTUALPATIENT_SPARSE must be one of {', '.join(SPARSE_CHOICES)}, "
+                         f"got {choice!r}")
+    return choice
+
+
 def backend(device: torch.device | str) -> str:
     """The sparse backend used on ``device``: ``"native"``, ``"torch"`` or ``"off"`` (dense matmuls).
 
     ``VIRTUALPATIENT_SPARSE`` overrides the default, which is ``native`` on CPU when the kernels
     compile, ``torch`` on CPU otherwise, and ``off`` on GPUs (dense matmuls are fast there).
     """
-    choice = os.environ.get("VIRTUALPATIENT_SPARSE", "auto").lower()
-    if choice not in ("auto", "native", "torch", "off"):
-        raise ValueError(f"VIRTUALPATIENT_SPARSE must be auto, native, torch or off, got {choice!r}")
+    choice = sparse_setting()
     is_cpu = torch.device(device).type == "cpu"
     if choice == "auto":
         if not is_cpu:
@@ -738,20 +757,38 @@ def dense_linear_t(weight: torch.Tensor, bias: torch.Tensor, xt: torch.Tensor) -
 # --------------------------------------------------------------------------------------------
 # Fused elementwise steps of the training loop
 # --------------------------------------------------------------------------------------------
-def post_activation(z: torch.Tensor, activation: str, scale: float, shift: float,
-                    bias: torch.Tensor | None = None, deriv: torch.Tensor | None | bool = None,
+def _varies(*values: float | tuple[float, ...]) -> bool:
+    """Whether any of these scalars is one value per patient (a tuple)."""
+    return any(isinstance(v, tuple) for v in values)
+
+
+def _at(value: float | tuple[float, ...], i: int) -> float:
+    return value[i] if isinstance(value, tuple) else value
+
+
+def post_activation(z: torch.Tensor, activation: str, scale: float | tuple[float, ...],
+                    shift: float | tuple[float, ...], bias: torch.Tensor | None = None,
+                    deriv: torch.Tensor | None | bool = None,
                     kind: str = "native") -> tuple[torch.Tensor, torch.Tensor | None]:
     """In place on ``z`` ``[P, units, n]``: ``h = act(z [+ bias]) * scale - shift`` (each step only when it
     changes something), returning ``(h, deriv)`` where ``deriv`` is ``not h <= 0`` (bool, relu) or
     ``1 - tanh^2`` (float) for the backward pass (``deriv=False``: not wanted). One pass with the
     native kernels, else torch ops in the same order (the same numbers, except that the native
-    tanh is a rational approximation within 3e-7 of the exact one, 7x faster than ``torch.tanh``)."""
+    tanh is a rational approximation within 3e-7 of the exact one, 7x faster than ``torch.tanh``).
+
+    ``scale`` and ``shift`` are floats, or tuples of one float per patient: then each patient's
+    slice is computed by the same call with its own floats (what it computes alone)."""
     relu = activation == "relu"
     shape = z.shape
     if deriv is None:
         deriv = torch.empty(shape, dtype=torch.bool if relu else z.dtype, device=z.device)
     elif deriv is False:
         deriv = None
+    if _varies(scale, shift):
+        for i in range(shape[0]):
+            post_activation(z[i:i + 1], activation, _at(scale, i), _at(shift, i),
+                            None if bias is None else bias[i:i + 1], False if deriv is None else deriv[i:i + 1], kind)
+        return z, deriv
     if kind == "native" and _native_ok(z) and z.is_contiguous() and (deriv is None or deriv.is_contiguous()):
         rows = shape[0] * shape[1]
         b = None if bias is None else bias.detach().contiguous()
@@ -775,11 +812,24 @@ def post_activation(z: torch.Tensor, activation: str, scale: float, shift: float
     return z, deriv
 
 
-def add_noise_t(h: torch.Tensor, draw: torch.Tensor, sigma: float, add: float = 0.0, scale: float = 1.0,
-                shift: float = 0.0, kind: str = "native") -> torch.Tensor:
+def add_noise_t(h: torch.Tensor, draw: torch.Tensor, sigma: float | tuple[float, ...],
+                add: float | tuple[float, ...] = 0.0, scale: float | tuple[float, ...] = 1.0,
+                shift: float | tuple[float, ...] = 0.0, kind: str = "native") -> torch.Tensor:
     """In place on ``h`` ``[P, units, n]``: ``((h + sigma * draw^T) + add) * scale - shift`` for noise
     ``draw`` ``[P, n, units]`` (drawn in the dense path's order); ``add`` 0, ``scale`` 1, ``shift`` 0
-    are no-ops. ``draw`` may be overwritten."""
+    are no-ops. ``draw`` may be overwritten.
+
+    Any of the four may be a tuple of one float per patient: each patient's slice is then computed
+    with its own floats, and a patient with ``sigma`` and ``add`` 0 gets only ``* scale - shift``
+    (what it computes alone, where it has no noise term)."""
+    if _varies(sigma, add, scale, shift):
+        for i in range(h.shape[0]):
+            s, a = _at(sigma, i), _at(add, i)
+            if s == 0 and a == 0:
+                scale_shift_(h[i:i + 1], _at(scale, i), _at(shift, i))
+            else:
+                add_noise_t(h[i:i + 1], draw[i:i + 1], s, a, _at(scale, i), _at(shift, i), kind)
+        return h
     if kind == "native" and _native_ok(h, draw) and h.is_contiguous() and draw.is_contiguous():
         p, units, n = h.shape
         _native_lib().vp_noise_t(_ptr(h), _ptr(draw), p, units, n, sigma, add, scale, shift)
@@ -794,8 +844,27 @@ def add_noise_t(h: torch.Tensor, draw: torch.Tensor, sigma: float, add: float = 
     return h
 
 
-def pre_activation_grad(g: torch.Tensor, deriv: torch.Tensor, scale: float, kind: str = "native") -> torch.Tensor:
-    """In place: the gradient through :func:`post_activation`, ``g * scale * act'``."""
+def scale_shift_(h: torch.Tensor, scale: float | tuple[float, ...], shift: float | tuple[float, ...]) -> torch.Tensor:
+    """In place: ``h * scale - shift`` (two roundings; scale 1 and shift 0 skipped), per patient for tuples."""
+    if _varies(scale, shift):
+        for i in range(h.shape[0]):
+            scale_shift_(h[i:i + 1], _at(scale, i), _at(shift, i))
+        return h
+    if scale != 1.0:
+        h.mul_(scale)
+    if shift:
+        h.sub_(shift)
+    return h
+
+
+def pre_activation_grad(g: torch.Tensor, deriv: torch.Tensor, scale: float | tuple[float, ...],
+                        kind: str = "native") -> torch.Tensor:
+    """In place: the gradient through :func:`post_activation`, ``g * scale * act'`` (``scale`` per
+    patient when a tuple)."""
+    if _varies(scale):
+        for i in range(g.shape[0]):
+            pre_activation_grad(g[i:i + 1], deriv[i:i + 1], scale[i], kind)
+        return g
     if kind == "native" and _native_ok(g) and g.is_contiguous() and deriv.is_contiguous():
         _native_lib().vp_pre_grad(_ptr(g), _ptr(deriv), g.numel(), 0 if deriv.dtype == torch.bool else 1, scale)
         return g

@@ -35,6 +35,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
 from virtualpatient import plasticity
+from virtualpatient.limits import MAX_EPOCHS, MAX_GAIN, MAX_LR, MAX_NOISE, MAX_STEPS
 from virtualpatient.network import Modulation
 
 __all__ = [
@@ -52,7 +53,8 @@ __all__ = [
 TREATMENTS: dict[str, type[Treatment]] = {}
 
 #: Decorator that makes a treatment a frozen, validated dataclass refusing unknown parameters.
-treatment_dataclass = dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+#: Floats refuse NaN and inf; every numeric field of a treatment also needs finite bounds.
+treatment_dataclass = dataclass(frozen=True, config=ConfigDict(extra="forbid", allow_inf_nan=False))
 
 
 def register(name: str) -> Callable[[type[Treatment]], type[Treatment]]:
@@ -140,14 +142,14 @@ class KetamineLike(Treatment):
     (0.5, 0.002)
     """
 
-    gain: float = Field(1.25, gt=0)
+    gain: float = Field(1.25, gt=0, le=MAX_GAIN)
     regrow_fraction: float = Field(0.5, ge=0, le=1)
-    regrow_sd: float = Field(0.03, ge=0)
-    score_batches: int = Field(30, ge=1)
+    regrow_sd: float = Field(0.03, ge=0, le=MAX_NOISE)
+    score_batches: int = Field(30, ge=1, le=MAX_STEPS)
     score: Literal["gradient", "random"] = "gradient"
     score_at_unit_gain: bool = True
-    epochs: int = Field(15, ge=0)
-    lr: float = Field(5e-4, gt=0)
+    epochs: int = Field(15, ge=0, le=MAX_EPOCHS)
+    lr: float = Field(5e-4, gt=0, le=MAX_LR)
     washout_decay: float = Field(0.002, ge=0, le=1)
 
     def apply(self, batch, arm: str, on_epoch=None) -> None:
@@ -190,12 +192,12 @@ class SSRILike(Treatment):
     ((0.5, 1.0), (0.0, 1.6))
     """
 
-    epochs: int = Field(100, ge=0)
-    lr: float = Field(1e-5, gt=0)
-    noise_start: float = Field(0.5, ge=0)
-    noise_end: float = Field(0.0, ge=0)
-    gain_start: float = Field(1.0, gt=0)
-    gain_end: float = Field(1.6, gt=0)
+    epochs: int = Field(100, ge=0, le=MAX_EPOCHS)
+    lr: float = Field(1e-5, gt=0, le=MAX_LR)
+    noise_start: float = Field(0.5, ge=0, le=MAX_NOISE)
+    noise_end: float = Field(0.0, ge=0, le=MAX_NOISE)
+    gain_start: float = Field(1.0, gt=0, le=MAX_GAIN)
+    gain_end: float = Field(1.6, gt=0, le=MAX_GAIN)
     washout_decay: float = Field(0.015, ge=0, le=1)
 
     def modulation_at(self, base: Modulation, epoch: int) -> Modulation:
@@ -231,11 +233,11 @@ class NeurosteroidLike(Treatment):
 
     state_dependent: ClassVar[bool] = True
 
-    damping: float = Field(0.7, gt=0)
+    damping: float = Field(0.7, gt=0, le=MAX_GAIN)
     activation: Literal["relu", "tanh"] = "tanh"
-    gain: float = Field(0.85, gt=0)
-    epochs: int = Field(10, ge=0)
-    lr: float = Field(5e-4, gt=0)
+    gain: float = Field(0.85, gt=0, le=MAX_GAIN)
+    epochs: int = Field(10, ge=0, le=MAX_EPOCHS)
+    lr: float = Field(5e-4, gt=0, le=MAX_LR)
     washout_decay: float = Field(0.008, ge=0, le=1)
 
     def apply(self, batch, arm: str, on_epoch=None) -> None:

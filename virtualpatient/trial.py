@@ -43,15 +43,11 @@ from virtualpatient.phases import (  # DISCONTINUED: re-exported for benchmarks/
     run_schedule,
 )
 from virtualpatient.protocol import Protocol
+from virtualpatient.schema import COLUMNS, SCHEDULE_COLUMNS
 from virtualpatient.store import RunStore
 
 __all__ = ["COLUMNS", "DISCONTINUED", "SCHEDULE_COLUMNS", "ClinicalTrial", "TrainingDivergedError", "run_arm",
            "run_baseline"]
-
-COLUMNS = ["patient", "arm", "phase", "metric", "condition", "noise_sigma", "maintenance_epochs", "step", "value"]
-#: Columns that place a row in a schedule, after the covariates: the trial clock (training epochs
-#: since the lesion), the cycle of the innermost repeat (0 outside one) and the phase's label path.
-SCHEDULE_COLUMNS = ["time", "cycle", "label"]
 
 Tick = Callable[[int], None] | None
 

@@ -1,0 +1,31 @@
+"""The vocabulary of the results table: its columns, and the paper's phase names.
+
+One torch-free module that the simulation (``trial``, ``patient``, ``store``) and the analysis
+package both import, so the two can never disagree on a column name, and ``import analysis``
+loads no torch. ``docs/results-schema.md`` documents each column.
+
+Examples
+--------
+>>> COLUMNS[:3]
+['patient', 'arm', 'phase']
+>>> "washout" in PAPER_PHASES
+True
+"""
+
+from __future__ import annotations
+
+__all__ = ["COLUMNS", "PAPER_PHASES", "SCHEDULE_COLUMNS", "UNTREATED"]
+
+#: The columns of every results table, in order (covariate and sweep columns follow them).
+COLUMNS = ["patient", "arm", "phase", "metric", "condition", "noise_sigma", "maintenance_epochs", "step", "value"]
+
+#: Columns that place a row in a schedule (``docs/schedules.md``), after the covariates: the trial
+#: clock (training epochs since the lesion), the cycle of the innermost repeat (0 outside one) and
+#: the phase's label path.
+SCHEDULE_COLUMNS = ["time", "cycle", "label"]
+
+#: The arm label of the pruned, untreated baseline.
+UNTREATED = "untreated"
+
+#: The phases the paper's schedule tags its rows with.
+PAPER_PHASES = ("baseline", "pruned", "acute", "maintenance", "washout", "off_medication", "acute_relapse")
