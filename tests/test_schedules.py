@@ -147,6 +147,9 @@ name = "course"
     assert not a.equals(b)  # each regimen draws from its own streams (combined-stress noise)
 
 
+#: A regimen's measurement, so that a snippet has only the one problem it is about.
+ASSESS = "[[regimens.{name}]]\nphase = \"assess\"\ntests = [\"sparsity\"]\n"
+
 BAD = [
     ("[[schedule]]\nphase = \"sleep\"\n", ["study.toml: schedule[0].phase: unknown phase 'sleep'"]),
     ("[[schedule]]\nphase = \"train\"\nepochs = -1\n",
@@ -158,16 +161,16 @@ BAD = [
      ["study.toml: schedule[2].phases: a block needs at least one phase"]),
     (SPINE + "[[schedule]]\nphase = \"washout\"\n",
      ["study.toml: schedule[2]: washout before any treat (give decay, or treat first)"]),
-    ("[[regimens.x]]\nphase = \"treat\"\narm = \"lithium\"\n",
+    ("[[regimens.x]]\nphase = \"treat\"\narm = \"lithium\"\n" + ASSESS.format(name="x"),
      ["study.toml: regimens.x[0].arm: arm 'lithium' is not defined in [arms] (defined: ketamine, ssri, neurosteroid)"]),
     ("[[regimens.x]]\nphase = \"treat\"\narm = \"ssri\"\n[[regimens.x]]\nphase = \"stress\"\nfurther = 0.1\n"
-     "when = \"relapsed\"\n",
+     "when = \"relapsed\"\n" + ASSESS.format(name="x"),
      ["study.toml: regimens.x[1].when: 'relapsed' reads a wash-out verdict, but no washout runs before it"]),
     ("[[regimens.x]]\nphase = \"probe\"\nblock = \"nope\"\n",
      ["study.toml: regimens.x[0].block: unknown block 'nope'"]),
-    ("[[regimens.\"../up\"]]\nphase = \"treat\"\narm = \"ssri\"\n",
+    ("[[regimens.\"../up\"]]\nphase = \"treat\"\narm = \"ssri\"\n" + ASSESS.format(name='"../up"'),
      ["study.toml: regimens.../up: regimen name '../up' is not allowed"]),
-    ("[[regimens.baseline]]\nphase = \"treat\"\narm = \"ssri\"\n",
+    ("[[regimens.baseline]]\nphase = \"treat\"\narm = \"ssri\"\n" + ASSESS.format(name="baseline"),
      ["study.toml: regimens.baseline: regimen name 'baseline' is reserved"]),
     (SPINE + "[[schedule]]\nphase = \"maintain\"\nepochs = [1, 2]\n",
      ["study.toml: schedule[2]: several maintenance durations fork the cohort"]),
@@ -175,6 +178,8 @@ BAD = [
      ["study.toml: regimens.x[0].drop_from: no assess labelled 'acute' runs before it"]),
     ("[[regimens.x]]\nphase = \"stress\"\n",
      ["study.toml: regimens.x[0]: a stress phase needs further > 0 (pruning) or epochs > 0 (noisy training)"]),
+    ("[[regimens.x]]\nphase = \"treat\"\narm = \"ssri\"\n",
+     ["study.toml: regimens.x: a regimen must measure something"]),
     ("[[regimens.x]]\nphase = \"assess\"\ntests = [\"mood\"]\n",
      ["study.toml: regimens.x[0].tests: unknown assessment(s) ['mood']"]),
     # two problems in two places: one line each
@@ -187,7 +192,7 @@ BAD = [
 @pytest.mark.parametrize(("text", "lines"), BAD, ids=[
     "unknown-phase", "negative-epochs", "unknown-key", "repeat-zero", "empty-block", "washout-before-treat",
     "undefined-arm", "condition-without-verdict", "unknown-block", "path-name", "reserved-name", "fork-in-spine",
-    "drop-without-source", "empty-stress", "unknown-assessment", "two-problems"])
+    "drop-without-source", "empty-stress", "measures-nothing", "unknown-assessment", "two-problems"])
 def test_bad_schedules_are_refused_one_line_per_problem(tmp_path, text, lines):
     """Each faulty schedule raises ProtocolError whose lines name the file, the place and the problem."""
     path = _study(tmp_path, text)
@@ -252,3 +257,30 @@ def test_any_schedule_resumes_and_runs_on_an_executor(tmp_path):
     again = _custom_trial(patients_per_unit=1).run(out=out)
     pd.testing.assert_frame_equal(again, reference, check_exact=True)
     assert all(p.exists() for p in lost) and all(p.read_bytes() == b for p, b in kept.items())
+
+
+def test_command_runs_a_schedule_study(tmp_path, capsys):
+    """'virtualpatient run' on a study file with regimens (here two, one in-process worker) exits 0,
+    names the regimens as the arms, and its results.csv has one arm per regimen."""
+    from virtualpatient.cli import main
+
+    path = _study(tmp_path, SPINE + """
+[[regimens.ket]]
+phase = "treat"
+arm = "ketamine"
+[[regimens.ket]]
+phase = "assess"
+label = "acute"
+tests = ["sparsity", "combined"]
+[[regimens.neuro]]
+phase = "treat"
+arm = "neurosteroid"
+[[regimens.neuro]]
+phase = "assess"
+label = "acute"
+tests = ["sparsity", "combined"]
+""")
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out), "--no-progress", "--workers", "1"]) == 0
+    assert "arms ket, neuro" in capsys.readouterr().out
+    assert set(pd.read_csv(out / "results.csv").arm) == {"ket", "neuro"}

@@ -153,7 +153,8 @@ def _execute(args: argparse.Namespace, plan):
                          "lower --patients-per-unit or --patients, or pass --yes to try anyway")
     out = args.out or Path("runs") / f"{protocol.name}-{protocol.hash()[:8]}"
     sweep = "" if plan.sweep is None else f"; {len(levels)} levels"
-    print(f"study {protocol.name}: {protocol.n_patients} patients, arms {', '.join(protocol.arms)}{sweep}; "
+    arms = protocol.regimens or protocol.arms  # a schedule's regimens are its results' arms
+    print(f"study {protocol.name}: {protocol.n_patients} patients, arms {', '.join(arms)}{sweep}; "
           f"run folder {out}", flush=True)
     with _executor(args) as executor, warnings.catch_warnings():
         warnings.simplefilter("always", CodeChangedWarning)

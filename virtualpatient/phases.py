@@ -1135,6 +1135,9 @@ def check_schedule(spine: Sequence[Phase], regimens: dict[str, Sequence[Phase]],
     for where, phases, _ in tracks[1:]:
         if not phases:
             problems.append(f"{where}: a regimen needs at least one phase")
+        elif not any(isinstance(p, (Assess, Maintain, Washout)) or (isinstance(p, Discontinue) and p.steps)
+                     for p, _ in _walk(phases, where)):
+            problems.append(f"{where}: a regimen must measure something (an assess, maintain, washout or taper)")
         _flow(phases, where, arms, dict(spine_state, labels=set(spine_state["labels"])), problems)
     for p, where in [w for t in tracks for w in _walk(t[1], t[0])]:
         if isinstance(p, Fork):

@@ -629,7 +629,8 @@ def _is_number(x: Any) -> bool:
 
 def _check_rows(rows: Any, arm: str, patient: int) -> None:
     label = "untreated" if arm == "baseline" else arm
-    if not isinstance(rows, list) or not rows:
+    # a spine may measure nothing (its unit is the patients' state); a regimen always reports rows
+    if not isinstance(rows, list) or (not rows and arm != "baseline"):
         raise _UnitError("no result rows")
     for i, r in enumerate(rows):
         if not isinstance(r, dict):
