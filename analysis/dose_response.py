@@ -177,8 +177,12 @@ def _arm_list(data: pd.DataFrame) -> list[str]:
 
 
 def _wide(data: pd.DataFrame) -> pd.DataFrame:
-    """Patients x levels of one arm (levels ascending)."""
-    return data.pivot(index="patient", columns="level", values="value").sort_index(axis=1)
+    """Patients x levels of one arm (levels ascending, patients in order of appearance)."""
+    rows, patients = pd.factorize(data["patient"])
+    cols, levels = pd.factorize(data["level"], sort=True)
+    out = np.full((len(patients), len(levels)), np.nan)
+    out[rows, cols] = data["value"].to_numpy()
+    return pd.DataFrame(out, index=pd.Index(patients, name="patient"), columns=pd.Index(levels, name="level"))
 
 
 # ---------------------------------------------------------------------------
@@ -421,8 +425,7 @@ def trend_test(
     conf = _check_confidence(confidence)
     data = _select(results, level, metric, condition, phase, arm, where)
     rows = []
-    for a in _arm_list(data):
-        d = data[data["arm"] == a]
+    for a, d in data.groupby("arm", sort=False):
         n_pat = int(d["patient"].nunique())
         n_lev = int(d["level"].nunique())
         row = {

@@ -107,12 +107,11 @@ def test_trend_null_false_positive_rate_near_nominal():
     the share of GEE p < 0.05 lies in [0.01, 0.09], as does Page's; and a planted null is not found
     (p > 0.05) in the first dataset."""
     rng = np.random.default_rng(2024)
-    gee, page = [], []
-    for _ in range(200):
-        row = dr.trend_test(sweep(rng, lambda x: 0.0), "pruning.fraction", "accuracy").table.iloc[0]
-        gee.append(row["pvalue"])
-        page.append(row["page_pvalue"])
-    gee, page = np.array(gee), np.array(page)
+    # 200 independent datasets as 200 arms of one table: trend_test analyses each arm on its own
+    many = pd.concat([sweep(rng, lambda x: 0.0, arm=f"null{i}") for i in range(200)], ignore_index=True)
+    table = dr.trend_test(many, "pruning.fraction", "accuracy").table
+    assert len(table) == 200 and (table["n_patients"] == 15).all() and (table["n_levels"] == 5).all()
+    gee, page = table["pvalue"].to_numpy(), table["page_pvalue"].to_numpy()
     assert gee[0] > 0.05
     fpr_gee, fpr_page = np.mean(gee < 0.05), np.mean(page < 0.05)
     print(f"null false-positive rate over 200 datasets: GEE {fpr_gee:.3f}, Page {fpr_page:.3f}")
@@ -130,6 +129,23 @@ def test_trend_one_sided_and_incomplete_design():
     assert dec["pvalue"] + inc["pvalue"] == pytest.approx(1.0, abs=1e-12)
     res = dr.trend_test(df.iloc[1:], "pruning.fraction", "accuracy").table.iloc[0]
     assert np.isnan(res["page_pvalue"]) and "Page" in res["note"] and res["pvalue"] < 0.01
+
+
+def test_cohort_patients_and_where_filter():
+    """With a cohort column, patient 0 of cohort 0 and of cohort 1 are different patients (30 clusters, not
+    15), and where= selects one value of another swept field; the slope then equals np.polyfit's."""
+    rng = np.random.default_rng(10)
+    a = sweep(rng, lambda x: 2.0 * x).assign(cohort=0)
+    b = sweep(rng, lambda x: 2.0 * x).assign(cohort=1)
+    two = pd.concat([a, b], ignore_index=True).assign(**{"arms.ssri.gain_end": 1.6})
+    other = two.assign(**{"arms.ssri.gain_end": 2.0, "value": two["value"] + 100 * two["pruning.fraction"]})
+    both = pd.concat([two, other], ignore_index=True)
+    with pytest.raises(ValueError, match="arms.ssri.gain_end"):
+        dr.trend_test(both, "pruning.fraction", "accuracy")
+    row = dr.trend_test(both, "pruning.fraction", "accuracy", where={"arms.ssri.gain_end": 1.6}).table.iloc[0]
+    assert row["n_patients"] == 30 and row["df"] == 29
+    assert row["slope"] == pytest.approx(np.polyfit(two["pruning.fraction"], two["value"], 1)[0], abs=1e-8)
+    assert not np.isnan(row["page_pvalue"])
 
 
 PLANTED = {"bottom": 20.0, "top": 90.0, "midpoint": 0.6, "slope": -15.0}
