@@ -139,9 +139,9 @@ def _select(
             raise TypeError(f"where must be a mapping of column -> value, got {type(where).__name__}")
         for column, wanted in where.items():
             df = _filter_one(df, column, wanted, f"where[{column!r}]")
-    df = df[np.isfinite(df[level].to_numpy(dtype=float)) & df["value"].notna()]
+    df = df[np.isfinite(df[level].to_numpy(dtype=float)) & np.isfinite(df["value"].to_numpy(dtype=float))]
     if df.empty:
-        raise ValueError(f"no rows with a finite {level!r} and a value after selection")
+        raise ValueError(f"no rows with a finite {level!r} and a finite value after selection")
 
     keys = ["arm", "patient", level]
     if "cohort" in df.columns:

@@ -193,6 +193,22 @@ def test_logistic_gives_reasons_not_exceptions():
     assert reasons["beyond"].startswith("midpoint") and "outside" in reasons["beyond"]
 
 
+def test_logistic_non_convergence_is_a_reason(monkeypatch):
+    """When least squares fails from every start value (curve_fit raising RuntimeError, as scipy does after
+    maxfev evaluations) the arm gets fitted=False and a 'did not converge' reason carrying scipy's message."""
+    from scipy import optimize
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("Optimal parameters not found: Number of calls to function has reached maxfev = 4000.")
+
+    monkeypatch.setattr(optimize, "curve_fit", fail)
+    df = sweep(np.random.default_rng(12), lambda x: dr.logistic4(x, **PLANTED), levels=tuple(np.linspace(0, 1, 7)))
+    row = dr.fit_logistic(df, "pruning.fraction", "accuracy", n_resamples=10).table.iloc[0]
+    assert not row["fitted"]
+    assert row["reason"].startswith("did not converge: Optimal parameters not found")
+    assert np.isnan(row["midpoint"])
+
+
 def test_cliff_location_recovered():
     """A planted step between 0.5 and 0.625 (a drop of 40 over 9 levels) is found there, the rate equals
     the hand-computed difference of the means / 0.125, its CI covers the planted -320 per unit, and almost
