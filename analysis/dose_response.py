@@ -529,7 +529,8 @@ class LogisticFit(ResultsBase):
         midpoint_se``), ``n_boot`` (converged bootstrap fits),
         ``rss, f_statistic, f_pvalue`` (the logistic against a constant),
         ``level_min, level_max``.  Estimates are kept where a fit converged
-        but was rejected (midpoint out of range), NaN otherwise.
+        but its midpoint is out of range (for inspection), NaN for every
+        other reason.
     level, metric : str
     confidence : float
     data : pandas.DataFrame
@@ -774,6 +775,7 @@ def fit_logistic(
         elif rss == 0:
             row.update(f_statistic=math.inf, f_pvalue=0.0)
         if not row["f_pvalue"] < alpha:
+            row.update(dict.fromkeys(LogisticFit.PARAMS, np.nan))  # a flat fit's parameters are arbitrary
             row["reason"] = (
                 f"flat response: the logistic explains no more than a constant (F = {fmt_num(row['f_statistic'])}, "
                 f"p = {fmt_p(row['f_pvalue'])} >= {alpha})"

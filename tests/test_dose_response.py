@@ -175,18 +175,22 @@ def test_logistic_recovers_planted_parameters_within_ci():
 
 
 def test_logistic_gives_reasons_not_exceptions():
-    """Flat data, 3 levels and a midpoint beyond the tested range each give fitted=False and a reason."""
+    """Flat data, 3 levels and a midpoint beyond the tested range each give fitted=False and a reason (no
+    exception); flat fits report no parameters, an out-of-range fit keeps its estimate, none has a CI."""
     rng = np.random.default_rng(6)
     flat = sweep(rng, lambda x: 0.0, levels=tuple(np.linspace(0, 1, 7)))
     three = sweep(rng, lambda x: dr.logistic4(x, **PLANTED), levels=(0.0, 0.5, 1.0))
     beyond = sweep(rng, lambda x: dr.logistic4(x, 20, 90, 1.6, -6), levels=tuple(np.linspace(0, 1, 7)),
                    sd_noise=0.2)
     const = flat.assign(value=5.0)
-    reasons = {}
+    reasons, mids = {}, {}
     for name, df in {"flat": flat, "three": three, "beyond": beyond, "const": const}.items():
         row = dr.fit_logistic(df, "pruning.fraction", "accuracy", n_resamples=20).table.iloc[0]
         assert not row["fitted"], name
-        reasons[name] = row["reason"]
+        assert np.isnan(row["midpoint_ci_low"]) and np.isnan(row["midpoint_ci_high"]), name
+        reasons[name], mids[name] = row["reason"], row["midpoint"]
+    assert np.isnan(mids["flat"]) and np.isnan(mids["three"])  # no arbitrary parameters reported
+    assert mids["beyond"] > 1.0  # kept for inspection: the planted 1.6 lies beyond the tested [0, 1]
     assert reasons["flat"].startswith("flat response")
     assert reasons["const"].startswith("flat response")
     assert reasons["three"].startswith("too few levels: 3")
