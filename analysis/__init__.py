@@ -10,10 +10,12 @@ The modules each hold one concept:
 - :mod:`analysis.trajectories` - any metric per arm over trial time or cycles (any schedule);
 - :mod:`analysis.figures` - the figures;
 - :mod:`analysis.claims` - the paper's qualitative claims, each decided by a test;
+- :mod:`analysis.dose_response` - sweeps: per-level summaries, trend test, logistic fit, cliff;
+- :mod:`analysis.replication` - claims across cohorts (Wilson CIs), the smallest sufficient cohort;
 - :mod:`analysis.report` - ``report.md`` / ``report.html`` from a run folder;
 - :mod:`analysis.synthetic` - synthetic results and run folders for tests and demos.
 
-Importing :mod:`analysis` loads only pandas; the statistics modules (and
+Importing :mod:`analysis` loads only pandas (never torch); the statistics modules (and
 statsmodels, scipy, matplotlib) load on first use.
 """
 
@@ -25,11 +27,13 @@ from analysis.tables import format_tables, load_published, paper_tables
 
 __all__ = [
     "claims",
+    "dose_response",
     "figures",
     "format_tables",
     "load_published",
     "longitudinal",
     "paper_tables",
+    "replication",
     "report",
     "stats",
     "summaries",

@@ -629,6 +629,120 @@ def _relapse_section(df: pd.DataFrame, protocol: dict) -> list[_Block]:
     return blocks
 
 
+#: Outcomes a sweep section reports for each swept field: (title, metric, condition, phase).
+SWEEP_OUTCOMES = [
+    ("Acute combined-stress accuracy (%)", "accuracy", "combined", "acute"),
+    ("Acute biased-noise accuracy (%)", "accuracy", "biased", "acute"),
+    ("Relapse probability (%) over maintenance durations", "relapse_probability", "", "washout"),
+]
+
+
+def sweep_columns(df: pd.DataFrame) -> list[str]:
+    """The swept fields of a sweep's results (numeric columns beyond the schema, its covariates
+    and ``cohort``), in table order; empty for a plain run."""
+    from virtualpatient.schema import COLUMNS
+
+    known = set(COLUMNS) | {"cohort", "prune_fraction", "regrowth_fraction", "lr_scale", "gain_sensitivity",
+                            "protection_scale", "time", "cycle", "label"}
+    return [c for c in df.columns if c not in known and pd.api.types.is_numeric_dtype(df[c])]
+
+
+def _with_relapse_probability(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """``df`` plus one ``relapse_probability`` row per patient, arm and level: 100 x the share of
+    maintenance durations after which the patient relapsed (Table 4's measure)."""
+    relapsed = df[df["metric"] == "relapsed"]
+    if relapsed.empty:
+        return df
+    keys = [*by, "cohort", "patient", "arm"] if "cohort" in df else [*by, "patient", "arm"]
+    per = relapsed.groupby(keys, dropna=False)["value"].mean().mul(100).reset_index()
+    per = per.assign(phase="washout", metric="relapse_probability", condition="", noise_sigma=np.nan,
+                     maintenance_epochs=np.nan, step=np.nan)
+    return pd.concat([df, per], ignore_index=True)
+
+
+def _sweep_section(df: pd.DataFrame, out_dir: Path, n_resamples: int, seed: int) -> list[_Block]:
+    """Per swept field and outcome: mean and CI per level and arm, the repeated-measures trend test,
+    the 4-parameter logistic midpoint (or why it does not fit), the steepest drop, and a figure."""
+    from analysis import dose_response as dr
+
+    fields = sweep_columns(df)
+    if not fields:
+        return []
+    blocks = [_Block("h2", "Sweep"), _Block("p", (
+        f"Swept: {', '.join(f'`{f}`' for f in fields)}. Each patient is measured at every level it "
+        "ran (shared baselines), so the trend test is a GEE clustered by patient (t on patients - 1 df) "
+        "and every interval resamples whole patients (docs/dose-response.md).")),
+    ]
+    df = _with_relapse_probability(df, fields)
+    for field_name in fields:
+        others = {f: None for f in fields if f != field_name}
+        rows = df[df[field_name].notna() & df[[*others]].isna().all(axis=1)] if others else df[df[field_name].notna()]
+        if rows[field_name].nunique() < 2:
+            continue
+        for title, metric, condition, phase in SWEEP_OUTCOMES:
+            sel = rows[(rows["metric"] == metric) & (rows["phase"] == phase) & (rows["condition"] == condition)]
+            sel = sel[sel["step"].isna() & sel["maintenance_epochs"].isna()]
+            if sel.empty or sel[field_name].nunique() < 2:
+                continue
+            args = dict(metric=metric, condition=condition or None, phase=phase)
+            summary = dr.level_summary(sel, field_name, **args)
+            trend = dr.trend_test(sel, field_name, **args)
+            fit = dr.fit_logistic(sel, field_name, **args, n_resamples=min(n_resamples, 500), seed=seed)
+            drop = dr.cliff(sel, field_name, **args, n_resamples=min(n_resamples, 1000), seed=seed)
+            blocks.append(_Block("h3", f"{title} vs `{field_name}`"))
+            blocks.append(_Block("table", header=["arm", "level", "n", "mean", "95 % CI"], rows=[
+                [display_name(r["arm"]), f"{r['level']:g}", str(int(r["n"])), f"{r['mean']:.1f}",
+                 _interval(r["conf_int_low"], r["conf_int_high"], 1)] for _, r in summary.iterrows()]))
+            per_arm = []
+            for t, f_row, c_row in zip(trend.table.to_dict("records"), fit.table.to_dict("records"),
+                                       drop.table.to_dict("records"), strict=True):
+                ci = _interval(f_row["midpoint_ci_low"], f_row["midpoint_ci_high"], 3)
+                midpoint = f"{f_row['midpoint']:.3g} {ci}" if f_row["fitted"] else f"no fit: {f_row['reason']}"
+                steepest = (f"{c_row['level_from']:g} -> {c_row['level_to']:g}: {c_row['rate']:.3g} per unit "
+                            f"{_interval(c_row['rate_ci_low'], c_row['rate_ci_high'], 3)}"
+                            if math.isfinite(c_row["rate"]) else c_row["note"])
+                slope = f"{t['slope']:.3g} {_interval(t['conf_int_low'], t['conf_int_high'], 3)}"
+                per_arm.append([display_name(t["arm"]), slope, fmt_p(t["pvalue"]), midpoint, steepest])
+            blocks.append(_Block("table", header=["arm", "slope per unit (95 % CI)", "trend p", "logistic midpoint",
+                                                  "steepest drop (95 % CI)"], rows=per_arm))
+            figure = dr.plot_dose_response(sel, field_name, **args, fit=fit)
+            name = f"sweep_{len(blocks)}"
+            png = out_dir / f"{name}.png"
+            figure.savefig(png, dpi=110, bbox_inches="tight")
+            figure.savefig(png.with_suffix(".svg"), bbox_inches="tight")
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
+            blocks.append(_Block("figure", f"{title} against {field_name}: mean and 95 % CI per level, "
+                                           "the fitted logistic and its midpoint.", image=png, name=name))
+    return blocks
+
+
+def _replication_section(df: pd.DataFrame, protocol: dict) -> list[_Block]:
+    """For the paper's study in several cohorts: each claim's share of cohorts with a Wilson CI."""
+    from analysis.claims import evaluate_claims
+    from analysis.replication import replication_table
+
+    if "cohort" not in df or df["cohort"].nunique() < 2 or sweep_columns(df):
+        return []
+    if not {"ketamine", "ssri", "neurosteroid"} <= set(df["arm"]):
+        return []
+
+    def decide(frame: pd.DataFrame) -> dict:
+        verdicts = evaluate_claims(frame.drop(columns="cohort"), protocol).frame
+        return {r["id"]: None if r["status"] == "not testable" else r["status"] == "reproduced"
+                for _, r in verdicts.iterrows()}
+
+    rep = replication_table(df, decide)
+    rows = [[str(r["claim"]), str(int(r["n_testable"])), str(int(r["n_hold"])),
+             f"{100 * r['share']:.0f} %" if r["n_testable"] else "-",
+             _interval(100 * r["conf_int_low"], 100 * r["conf_int_high"], 0)] for _, r in rep.table.iterrows()]
+    return [_Block("h2", "Replication across cohorts"), _Block("p", (
+        f"{df['cohort'].nunique()} independent cohorts; each claim decided on each cohort as in the claims "
+        "table; share of the cohorts where it could be tested, with a Wilson 95 % CI.")),
+        _Block("table", header=["claim", "cohorts testable", "holds in", "share", "95 % CI"], rows=rows)]
+
+
 def _figures_section(run: RunData, df: pd.DataFrame, out_dir: Path) -> list[_Block]:
     from analysis.figures import make_figures
 
@@ -688,11 +802,16 @@ def write_report(run_dir: str | Path, *, n_resamples: int = 2000, seed: int = 0)
         staging = _in_run(run.path, _mkdtemp(run.path, ".figures"))
         try:
             blocks = _header_section(run, df)
-            blocks += _tables_section(df, run.protocol, n_resamples, seed)
-            blocks += _claims_section(df, run.protocol)
-            blocks += _comparison_blocks(df, n_resamples, seed)
-            blocks += _relapse_section(df, run.protocol)
-            blocks += _figures_section(run, df, staging)
+            if sweep_columns(df):  # the paper's tables pooled over levels would mean nothing
+                blocks += _sweep_section(df, staging, n_resamples, seed)
+            else:
+                blocks += _replication_section(df, run.protocol)
+                first = df[df["cohort"] == df["cohort"].min()] if "cohort" in df else df
+                blocks += _tables_section(first, run.protocol, n_resamples, seed)
+                blocks += _claims_section(first, run.protocol)
+                blocks += _comparison_blocks(first, n_resamples, seed)
+                blocks += _relapse_section(first, run.protocol)
+                blocks += _figures_section(run, first, staging)
             blocks.append(
                 _Block("p", "Generated by `analysis.report.write_report` from the saved run data.")
             )

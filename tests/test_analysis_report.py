@@ -247,3 +247,43 @@ def test_manifest_clock_times_and_nested_entries_are_left_out():
                            "versions": {"torch": "2.5"}, "protocol": {"a": 1},
                            "sessions": [{"started": "x"}, {}]})
     assert rows == [["protocol_hash", "abc"], ["versions.torch", "2.5"], ["sessions", "2"]]
+
+
+def _swept(levels, shift_per_unit=400.0, seed=0):
+    """Synthetic sweep results: acute accuracies fall by ``shift_per_unit`` x (level - 0.9) above 0.9."""
+    frames = []
+    for level in levels:
+        r = make_results(n_patients=6, seed=seed)
+        acute = (r["phase"] == "acute") & (r["metric"] == "accuracy")
+        r.loc[acute, "value"] -= max(0.0, level - 0.9) * shift_per_unit
+        frames.append(r.assign(**{"pruning.fraction": level}))
+    return pd.concat(frames, ignore_index=True).assign(cohort=0)
+
+
+def test_sweep_report_shows_dose_response_instead_of_the_papers_tables(tmp_path):
+    """A sweep's report has a section per outcome of the swept field (levels, trend, midpoint, cliff,
+    figure) and no paper table pooled over levels; the planted cliff (above 0.9) is found."""
+    import warnings
+
+    run = write_run(tmp_path / "sweep", _swept([0.8, 0.85, 0.9, 0.93, 0.95, 0.97]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text = write_report(run, n_resamples=99).read_text()
+    assert "## Sweep" in text and "Table 1" not in text
+    assert "### Acute combined-stress accuracy (%) vs `pruning.fraction`" in text
+    assert "| Ketamine-like | 0.97 | 6 |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| Ketamine-like | -160"))
+    assert "<0.001" in row and ("0.93 -> 0.95" in row or "0.9 -> 0.93" in row or "0.95 -> 0.97" in row)
+    assert (run / "figures").is_dir() and any(p.suffix == ".png" for p in (run / "figures").iterdir())
+
+
+def test_replication_report_gives_each_claims_share_of_cohorts(tmp_path):
+    """Two cohorts of the paper's study: a replication table with each claim's share and Wilson CI,
+    and the paper's tables of the first cohort."""
+    frames = [make_results(n_patients=8, seed=s).assign(cohort=s) for s in (0, 1)]
+    run = write_run(tmp_path / "rep", pd.concat(frames, ignore_index=True))
+    text = write_report(run, n_resamples=99).read_text()
+    assert "## Replication across cohorts" in text and "Table 1" in text
+    rows = [line for line in text.splitlines() if re.match(r"\| R\d+ \| [0-2] \| [0-2] \|", line)]
+    assert len(rows) >= 10
+    assert all(line.split("|")[3].strip() <= line.split("|")[2].strip() for line in rows)
