@@ -20,6 +20,7 @@ Examples
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, as_completed
@@ -28,6 +29,7 @@ from typing import Any
 
 import pandas as pd
 
+from virtualpatient import network
 from virtualpatient.cohort import COVARIATES, Cohort, PatientSpec
 from virtualpatient.patient import PatientBatch
 from virtualpatient.phases import (  # DISCONTINUED: re-exported for benchmarks/bench_levers.py
@@ -125,15 +127,20 @@ def run_arm(protocol: Protocol, arm: str, pruned: PatientBatch | Sequence[dict],
     return [{"rows": [r for r in rows if r["patient"] == s.index], "weights": ctx.weights[s.index]} for s in specs]
 
 
-def _baseline_payloads(protocol_data: dict, spec_data: list[dict]) -> list[dict[str, Any]]:
-    """Process-safe entry point: plain data in, plain data out."""
+def _baseline_payloads(protocol_data: dict, spec_data: list[dict],
+                       engine: dict | None = None) -> list[dict[str, Any]]:
+    """Process-safe entry point: plain data in (the driver's engine settings among them), plain data out."""
     protocol = Protocol.from_dict(protocol_data)
-    return run_baseline(protocol, [PatientSpec.from_dict(s) for s in spec_data])
+    with network.engine_options(**(engine or {})):
+        return run_baseline(protocol, [PatientSpec.from_dict(s) for s in spec_data])
 
 
-def _arm_payloads(protocol_data: dict, arm: str, states: list[dict]) -> list[dict[str, Any]]:
-    """Process-safe entry point: the protocol as a dict and the spine's payloads in, rows and weights out."""
-    return run_arm(Protocol.from_dict(protocol_data), arm, states)
+def _arm_payloads(protocol_data: dict, arm: str, states: list[dict],
+                  engine: dict | None = None) -> list[dict[str, Any]]:
+    """Process-safe entry point: the protocol as a dict, the spine's payloads and the driver's engine
+    settings in; rows and weights out."""
+    with network.engine_options(**(engine or {})):
+        return run_arm(Protocol.from_dict(protocol_data), arm, states)
 
 
 # -- the trial -------------------------------------------------------------------------------
@@ -290,9 +297,12 @@ class ClinicalTrial:
 
     def _run_executor(self, store, todo_base, todo_arm, bar, epochs) -> None:
         data = self.protocol.to_dict()
+        # the engine settings travel with every unit as a value: a worker process never sees the
+        # driver's module state (engine_options in the driver applies to the workers too)
+        engine = dataclasses.asdict(network.ENGINE)
         pending: dict[Future, tuple[str, list[PatientSpec]]] = {}
         for chunk in self._chunks(todo_base):
-            fut = self.executor.submit(_baseline_payloads, data, [s.to_dict() for s in chunk])
+            fut = self.executor.submit(_baseline_payloads, data, [s.to_dict() for s in chunk], engine)
             pending[fut] = ("baseline", chunk)
 
         def submit_arms(specs: list[PatientSpec]) -> None:
@@ -300,7 +310,7 @@ class ClinicalTrial:
                 ids = {s.index for s in wanted}
                 chunk = [s for s in specs if s.index in ids]
                 if chunk:
-                    fut = self.executor.submit(_arm_payloads, data, arm, self._pruned(store, chunk))
+                    fut = self.executor.submit(_arm_payloads, data, arm, self._pruned(store, chunk), engine)
                     pending[fut] = (arm, chunk)
 
         ready = [s for s in self.cohort if s not in todo_base]
