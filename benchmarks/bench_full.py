@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import multiprocessing as mp
 import os
 import platform
 import resource
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -33,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _setup(threads: int, eval_max_mib: int | None) -> None:
-    """Torch threads and the evaluation memory budget of this process (also each worker's initializer)."""
+    """Torch threads and the evaluation memory budget of this process (the driver's engine settings
+    travel with every unit of work, so the workers need only their one thread)."""
     from virtualpatient import network
 
     torch.set_num_threads(threads)
@@ -63,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from virtualpatient import ClinicalTrial, load_study, sparse
+    from virtualpatient.distributed import local_pool
 
     protocol = load_study(args.study)
     changes = {}
@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     executor = None
     if args.workers > 1:
-        executor = ProcessPoolExecutor(max_workers=args.workers, mp_context=mp.get_context("spawn"),
-                                       initializer=_setup, initargs=(1, args.eval_max_mib))
+        executor = local_pool(args.workers)  # what `virtualpatient reproduce` uses
     print(f"bench_full    python {platform.python_version()}  torch {torch.__version__}  cpus {os.cpu_count()}  "
           f"workers {args.workers}  threads {1 if args.workers > 1 else torch.get_num_threads()}  "
           f"sparse {sparse.backend('cpu')}  onednn {sparse.onednn_available()}")
