@@ -743,6 +743,69 @@ def _replication_section(df: pd.DataFrame, protocol: dict) -> list[_Block]:
         _Block("table", header=["claim", "cohorts testable", "holds in", "share", "95 % CI"], rows=rows)]
 
 
+def is_paper_schedule(df: pd.DataFrame) -> bool:
+    """Whether a run's rows come from the paper's schedule (only its phases), so the paper's tables
+    and claims apply; a schedule the paper never had gets trajectories instead."""
+    from virtualpatient.schema import PAPER_PHASES
+
+    return set(df["phase"]) <= set(PAPER_PHASES)
+
+
+#: Trajectories a schedule's report shows: (title, metric, condition).
+TRAJECTORIES = [("Combined-stress accuracy (%)", "accuracy", "combined"),
+                ("Biased-noise accuracy (%)", "accuracy", "biased")]
+
+
+def _schedule_section(df: pd.DataFrame, out_dir: Path) -> list[_Block]:
+    """For a schedule the paper never had: per-arm trajectories over the trial clock (table and
+    figure) and the share of patients ever judged relapsed, with a Wilson CI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from analysis.replication import wilson_ci
+    from analysis.trajectories import trajectory
+
+    blocks = [_Block("h2", "Trajectories over trial time"), _Block("p", (
+        "This schedule is not the paper's, so its tables and claims do not apply. Each point: the mean "
+        "over patients (95 % t interval) of the arm's measurements at that trial time (training epochs "
+        "since the lesion); a patient measured several times at one point counts once."))]
+    for title, metric, condition in TRAJECTORIES:
+        traj = trajectory(df[df["step"].isna()], metric, condition)
+        if traj.empty:
+            continue
+        blocks.append(_Block("h3", title))
+        blocks.append(_Block("table", header=["arm", "time", "n", "mean", "95 % CI"], rows=[
+            [display_name(r["arm"]), f"{r['time']:g}", str(int(r["n"])), f"{r['mean']:.1f}",
+             _interval(r["ci_low"], r["ci_high"], 1)] for _, r in traj.iterrows()]))
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for arm, g in traj.groupby("arm", sort=False):
+            ax.errorbar(g["time"], g["mean"], yerr=[g["mean"] - g["ci_low"], g["ci_high"] - g["mean"]],
+                        marker="o", capsize=3, label=display_name(arm))
+        ax.set_xlabel("trial time (epochs since the lesion)")
+        ax.set_ylabel(title)
+        ax.legend(fontsize=8)
+        name = f"trajectory_{metric}_{condition}"
+        png = out_dir / f"{name}.png"
+        fig.savefig(png, dpi=110, bbox_inches="tight")
+        fig.savefig(png.with_suffix(".svg"), bbox_inches="tight")
+        plt.close(fig)
+        blocks.append(_Block("figure", f"{title} per arm over trial time, mean and 95 % CI.", image=png, name=name))
+    relapsed = df[df["metric"] == "relapsed"]
+    if not relapsed.empty:
+        ever = relapsed.groupby(["arm", "patient"])["value"].max().groupby("arm")
+        rows = []
+        for arm, v in ever:
+            k, n = int(v.sum()), int(v.size)
+            lo, hi = wilson_ci(k, n)
+            rows.append([display_name(arm), f"{k} / {n}", _interval(100 * lo, 100 * hi, 0)])
+        blocks += [_Block("h3", "Relapse"), _Block("p", "Patients judged relapsed at any wash-out of the arm "
+                                                       "(Wilson 95 % CI, percent)."),
+                   _Block("table", header=["arm", "relapsed", "95 % CI"], rows=rows)]
+    return blocks
+
+
 def _figures_section(run: RunData, df: pd.DataFrame, out_dir: Path) -> list[_Block]:
     from analysis.figures import make_figures
 
@@ -804,6 +867,8 @@ def write_report(run_dir: str | Path, *, n_resamples: int = 2000, seed: int = 0)
             blocks = _header_section(run, df)
             if sweep_columns(df):  # the paper's tables pooled over levels would mean nothing
                 blocks += _sweep_section(df, staging, n_resamples, seed)
+            elif not is_paper_schedule(df):
+                blocks += _schedule_section(df, staging)
             else:
                 blocks += _replication_section(df, run.protocol)
                 first = df[df["cohort"] == df["cohort"].min()] if "cohort" in df else df

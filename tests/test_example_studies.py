@@ -120,3 +120,22 @@ def test_chronic_stress(runs):
     assert set(df[df.phase == "off_medication"].arm) == {"neurosteroid"}
     combined = df[(df.phase == "chronic") & (df.condition == "combined")]
     assert len(combined) == 3 * 2 * 9
+
+
+def test_report_of_a_new_schedule_shows_trajectories_not_the_papers_tables(runs, tmp_path):
+    """A schedule the paper never had (second_episode) gets per-arm trajectories over trial time and
+    a relapse table in its report, and no paper table or claim that would not apply."""
+    import json
+
+    from analysis.report import is_paper_schedule, write_report
+
+    protocol = tiny("second_episode")
+    results = ClinicalTrial(protocol, progress=False).run(out=tmp_path / "run")
+    assert not is_paper_schedule(results)
+    text = write_report(tmp_path / "run", n_resamples=99).read_text()
+    assert "## Trajectories over trial time" in text and "### Combined-stress accuracy (%)" in text
+    assert "Table 1" not in text and "qualitative claims" not in text
+    regimens = json.loads((tmp_path / "run" / "protocol.json").read_text())["regimens"]
+    relapse = text[text.index("### Relapse"):]
+    assert all(f"| {name} |" in relapse for name in regimens)
+    assert any(p.name.startswith("trajectory_") for p in (tmp_path / "run" / "figures").iterdir())
