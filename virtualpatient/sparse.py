@@ -34,6 +34,8 @@ three products it holds the elementwise steps of a hidden layer fused into singl
 ``torch.sparse`` CSR products and torch elementwise ops (any device, slower on CPU). The
 environment variable ``VIRTUALPATIENT_SPARSE`` chooses ``auto`` (default: native when it compiles,
 else torch; dense on GPUs), ``native``, ``torch`` or ``off`` (dense matmuls everywhere).
+``VIRTUALPATIENT_MARCH`` chooses the kernels' instruction-set target (:data:`MARCH_CHOICES`:
+``native`` by default, ``x86-64-v3`` for AVX2 code on any AVX2 CPU, ...); the cache keys on it.
 
 Dense layers (the ketamine-like arm's 52.5 % dense ones) use one oneDNN matmul per patient on CPU
 (:func:`dense_forward`, :func:`dense_backward`): MKL's batched matmul runs its AVX2 code on AMD
@@ -42,6 +44,7 @@ CPUs, oneDNN its AVX-512 code (1.8x faster here; docs/performance.md).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -334,7 +337,7 @@ def _cache_dir() -> Path:
 
 
 def _cpu_signature() -> str:
-    """Something that changes when the CPU does (the library is built with ``-march=native``)."""
+    """Something that changes when the CPU does (a ``-march=native`` library is built for it)."""
     sig = platform.machine() + platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -347,19 +350,88 @@ def _cpu_signature() -> str:
     return sig
 
 
-def _compile() -> ctypes.CDLL | None:
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (None where that file is not there)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+#: The values of ``VIRTUALPATIENT_MARCH``: the instruction-set target the native kernels are compiled
+#: for, as GCC and clang name it (``-march=...``), plus ``generic`` (no ``-march`` at all: baseline
+#: x86-64 or whatever the compiler defaults to). ``native`` (default) is this CPU; ``x86-64-v3`` is
+#: AVX2 + FMA (what a CPU without AVX-512 runs); ``x86-64-v4`` adds AVX-512.
+MARCH_CHOICES = ("native", "x86-64-v4", "x86-64-v3", "x86-64-v2", "x86-64", "generic")
+
+#: CPU flags (as /proc/cpuinfo names them) that a library built for each x86 level needs.
+_MARCH_NEEDS = {
+    "x86-64-v2": ("sse4_2", "ssse3", "popcnt"),
+    "x86-64-v3": ("sse4_2", "ssse3", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"),
+    "x86-64-v4": ("sse4_2", "ssse3", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe",
+                  "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+}
+
+
+def march_setting() -> str:
+    """The ``VIRTUALPATIENT_MARCH`` switch, validated (``"native"`` when unset).
+
+    Raises
+    ------
+    UsageError
+        The variable holds another value (the message names the variable and the values it takes).
+    """
+    choice = os.environ.get("VIRTUALPATIENT_MARCH", "native").strip().lower() or "native"
+    if choice not in MARCH_CHOICES:
+        raise UsageError(f"environment variable VIRTUALPATIENT_MARCH must be one of {', '.join(MARCH_CHOICES)}, "
+                         f"got {choice!r}")
+    return choice
+
+
+def march_supported(march: str) -> bool:
+    """Whether this CPU runs code built for ``march`` (True where its flags cannot be read)."""
+    if march in ("native", "generic", "x86-64"):
+        return True
+    flags = _cpu_flags()
+    if flags is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        return flags is None
+    return all(f in flags for f in _MARCH_NEEDS[march])
+
+
+def _arch_flags(march: str) -> list[str]:
+    return [] if march == "generic" else [f"-march={march}"]
+
+
+def _compile(march: str = "native") -> ctypes.CDLL | None:
+    """Build (or find in the cache) the kernels for the instruction-set target ``march``.
+
+    The cache key holds the source, the compiler, the flags and the target; a ``native`` build
+    also holds the CPU's model and flags (it is built for this CPU), so a ``native`` and an
+    ``x86-64-v3`` library never share a file, even on one machine.
+    """
+    if march not in MARCH_CHOICES:
+        raise UsageError(f"instruction-set target must be one of {', '.join(MARCH_CHOICES)}, got {march!r}")
+    if not march_supported(march):
+        raise UsageError(f"VIRTUALPATIENT_MARCH={march} needs CPU features "
+                         f"({', '.join(_MARCH_NEEDS[march])}) that this CPU lacks")
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         return None
-    key = hashlib.sha256((_C_SOURCE + cc + _FLAGS + _cpu_signature()).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"vp_sparse_{key}.so"
+    machine = _cpu_signature() if march == "native" else platform.machine()
+    key = hashlib.sha256("\0".join((_C_SOURCE, cc, _FLAGS, march, machine)).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"vp_sparse_{march}_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             src = Path(tmp) / "vp_sparse.c"
             src.write_text(_C_SOURCE)
             out = Path(tmp) / target.name
-            for arch in (["-march=native"], []):
+            # A compiler that does not know the target builds a baseline library only for "native"
+            # (the default must work anywhere); a named target it cannot build is no target at all.
+            for arch in ((_arch_flags(march), []) if march == "native" else (_arch_flags(march),)):
                 cmd = [cc, *_FLAGS.split(), *arch, "-shared", "-fPIC", "-o", str(out), str(src)]
                 if subprocess.run(cmd, capture_output=True).returncode == 0:
                     break
@@ -379,6 +451,7 @@ def _compile() -> ctypes.CDLL | None:
     lib.vp_pre_grad.restype = None
     lib.vp_noise_t.argtypes = [p, p, i, i, i, f, f, f, f]
     lib.vp_noise_t.restype = None
+    lib.vp_march = march
     return lib
 
 
@@ -387,14 +460,43 @@ def _native_lib() -> ctypes.CDLL | None:
     if not _native_tried:
         with _lock:
             if not _native_tried:
+                march = march_setting()  # a bad value is the user's to fix: raised, not warned about
                 try:
-                    _native = _compile()
+                    _native = _compile(march)
+                except UsageError:
+                    raise
                 except Exception as exc:  # pragma: no cover - depends on the machine
                     warnings.warn(f"virtualpatient: native sparse kernels unavailable ({exc}); using torch.sparse",
                                   RuntimeWarning, stacklevel=2)
                     _native = None
                 _native_tried = True
     return _native
+
+
+def kernel_target() -> str | None:
+    """The instruction-set target of the loaded native kernels (a :data:`MARCH_CHOICES` value), or
+    None without them."""
+    lib = _native_lib()
+    return None if lib is None else lib.vp_march
+
+
+@contextlib.contextmanager
+def kernels_for(march: str):
+    """Within the block, the native kernels are the ones built for ``march`` (for tests and
+    benchmarks that compare targets in one process). Raises :class:`UsageError` for an unknown
+    target or one this CPU cannot run, and RuntimeError when the compiler cannot build it."""
+    global _native, _native_tried
+    lib = _compile(march)
+    if lib is None:
+        raise RuntimeError(f"the C compiler could not build the kernels for {march}")
+    with _lock:
+        old = (_native, _native_tried)
+        _native, _native_tried = lib, True
+    try:
+        yield lib
+    finally:
+        with _lock:
+            _native, _native_tried = old
 
 
 def kernels_available() -> bool:
@@ -412,12 +514,14 @@ def sparse_setting() -> str:
     Raises
     ------
     UsageError
-        The variable holds another value (the message names the variable and the values it takes).
+        The variable holds another value (the message names the variable and the values it takes),
+        or ``VIRTUALPATIENT_MARCH`` does (:func:`march_setting`).
     """
     choice = os.environ.get("VIRTUALPATIENT_SPARSE", "auto").strip().lower() or "auto"
     if choice not in SPARSE_CHOICES:
         raise UsageError(f"environment variable VIRTUALPATIENT_SPARSE must be one of {', '.join(SPARSE_CHOICES)}, "
                          f"got {choice!r}")
+    march_setting()  # its companion switch, so that callers refusing bad settings early refuse both
     return choice
 
 
