@@ -274,7 +274,7 @@ def flops(p: int = 10, n: int = 128) -> None:
         fma = p * n_out * n_in * n / 1e9
         fwd = _cpu(lambda w=w, b=b, x=x: sparse.dense_forward(w, b, x), number=5)
         gw = _cpu(lambda g=g, x=x: torch.stack([sparse._mm(gg, xx) for gg, xx in zip(g, x)]), number=5)
-        gx = _cpu(lambda g=g, w=w: torch.stack([sparse._mm(ww.t(), gg.t()) for gg, ww in zip(g, w)]), number=5)
+        gx = _cpu(lambda g=g, w=w: torch.stack([sparse._mm(gg.t(), ww.t()).t() for gg, ww in zip(g, w)]), number=5)
         cells.append(f"{n_out}x{n_in} fwd {fma / fwd:.1f} dW {fma / gw:.1f} dx {fma / gx:.1f}")
     for density in (0.05, 0.525):
         mask = (torch.rand(p, 512, 512, generator=gen) < density).float()

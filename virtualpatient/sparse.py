@@ -840,8 +840,11 @@ def dense_backward(weight: torch.Tensor, gz: torch.Tensor, xt: torch.Tensor, nee
         return gw, gbias, gx
     gw = torch.stack([_mm(g, x) for g, x in zip(gz, xt)])  # [out, n] @ [n, in]
     gx = None
-    if need_input:  # W^T gz with both operands as transposed views (oneDNN takes the strides)
-        parts = [_mm(w.t(), g.t()) for g, w in zip(gz, weight)]
+    if need_input:  # W^T gz as (gz^T W)^T: oneDNN reads both operands where they lie, as it does in
+        # the forward; given W^T as a strided view it copies it first (2x slower on 512 x 512, on
+        # AVX-512 and AVX2 alike: bench_levers --only flops). The same sums in the same order: the
+        # same bits (checked on AVX-512 and AVX2, square and odd live-block shapes).
+        parts = [_mm(g.t(), w.t()).t() for g, w in zip(gz, weight)]
         gx = torch.stack(parts, out=out) if out is not None else torch.stack(parts)
     return gw, gbias, gx
 
