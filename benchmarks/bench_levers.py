@@ -258,8 +258,40 @@ def compiled(p: int = 10) -> None:
         print(f"compile       unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
 
 
-LEVERS = {"crossover": crossover, "step": step, "live_units": live_units, "adam": adam, "scaling": scaling,
-          "evaluation": evaluation, "threads": threads, "compile": compiled}
+def flops(p: int = 10, n: int = 128) -> None:
+    """Achieved multiply-adds per second of the dense layers' oneDNN products (the ketamine-like arm's
+    work) at the network's shapes, per product kind, against a large square matmul (this core's
+    practical peak under the current instruction-set caps); and of the native compressed kernels."""
+    gen = torch.Generator().manual_seed(0)
+    big = torch.randn(1024, 1024, generator=gen)
+    peak = 1024 ** 3 / _cpu(lambda: sparse._mm(big, big), number=3) / 1e9
+    cells = [f"square1024 {peak:.1f}"]
+    for n_out, n_in in ((512, 512), (256, 512)):
+        w = torch.randn(p, n_out, n_in, generator=gen)
+        b = torch.randn(p, n_out, generator=gen)
+        x = torch.randn(p, n_in, n, generator=gen)
+        g = torch.randn(p, n_out, n, generator=gen)
+        fma = p * n_out * n_in * n / 1e9
+        fwd = _cpu(lambda w=w, b=b, x=x: sparse.dense_forward(w, b, x), number=5)
+        gw = _cpu(lambda g=g, x=x: torch.stack([sparse._mm(gg, xx) for gg, xx in zip(g, x)]), number=5)
+        gx = _cpu(lambda g=g, w=w: torch.stack([sparse._mm(gg.t(), ww.t()).t() for gg, ww in zip(g, w)]), number=5)
+        cells.append(f"{n_out}x{n_in} fwd {fma / fwd:.1f} dW {fma / gw:.1f} dx {fma / gx:.1f}")
+    for density in (0.05, 0.525):
+        mask = (torch.rand(p, 512, 512, generator=gen) < density).float()
+        pat = sparse.Pattern(mask)
+        values = torch.randn(pat.nnz, generator=gen)
+        x = torch.randn(p, 512, n, generator=gen)
+        g = torch.randn(p, 512, n, generator=gen)
+        fma = pat.nnz * n / 1e9
+        fwd = _cpu(lambda pat=pat, v=values, x=x: sparse.sparse_forward(pat, v, None, x), number=5)
+        bwd = _cpu(lambda pat=pat, v=values, g=g, x=x: sparse.sparse_backward(pat, v, g, x), number=5)
+        cells.append(f"native@{density} fwd {fma / fwd:.1f} bwd(dv+dx) {2 * fma / bwd:.1f}")
+    print(f"flops         GFMA/s, P={p}, {n} samples, kernels {sparse.kernel_target()}:  "
+          + "  ".join(cells))
+
+
+LEVERS = {"flops": flops, "crossover": crossover, "step": step, "live_units": live_units, "adam": adam,
+          "scaling": scaling, "evaluation": evaluation, "threads": threads, "compile": compiled}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(f"bench_levers  torch {torch.__version__}  sparse {sparse.backend('cpu')}  "
-          f"onednn {sparse.onednn_available()}  cpu {torch.backends.cpu.get_cpu_capability()}")
+          f"onednn {sparse.onednn_available()}  cpu {torch.backends.cpu.get_cpu_capability()}  "
+          f"kernels {sparse.kernel_target()}")
     for name in (args.only.split(",") if args.only else LEVERS):
         LEVERS[name]()
     return 0

@@ -64,6 +64,28 @@ KEY = ["patient", "arm", "phase", "metric", "condition", "noise_sigma", "mainten
 TOLERANCE = {"accuracy": 1.0, "activation_magnitude": 1e-4, "relapse_drop": 1.0}
 
 
+#: Environment switches that cap the instruction set (to emulate an AVX2-only CPU on an AVX-512 one).
+ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "VIRTUALPATIENT_MARCH")
+
+
+def isa_line() -> str:
+    """``isa avx512`` or ``isa avx2`` (the CPU's widest vector ISA), ``avx2 (emulated)`` when the
+    CPU has AVX-512 but the switches cap oneDNN, ATen or the native kernels at AVX2; then the
+    switches that are set, ATen's capability and the kernels' target."""
+    from virtualpatient import sparse
+
+    flags = sparse._cpu_flags() or set()
+    hardware = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+    aten = torch.backends.cpu.get_cpu_capability().lower()
+    target = sparse.kernel_target()
+    capped = (aten.startswith("avx2") or os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper().startswith("AVX2")
+              or os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").upper().startswith("AVX2")
+              or target in ("x86-64-v3", "x86-64-v2", "x86-64", "generic"))
+    isa = "avx2 (emulated)" if hardware == "avx512" and capped else hardware
+    env = " ".join(f"{k}={os.environ[k]}" for k in ISA_ENV if os.environ.get(k)) or "no ISA switches"
+    return f"isa {isa}  [{env}; aten {aten}, kernels {target}]"
+
+
 def _protocol(patients: int):
     from virtualpatient.protocol import Protocol
 
@@ -210,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     ref_threads = args.reference_threads or args.threads
     print(f"bench_trial   python {platform.python_version()}  torch {torch.__version__}  threads {args.threads}  "
           f"reference_threads {ref_threads}  engine_workers {args.engine_workers}  "
-          f"cpus {os.cpu_count()}  sparse {sparse.backend('cpu')}  onednn {sparse.onednn_available()}")
+          f"cpus {os.cpu_count()}  sparse {sparse.backend('cpu')}  onednn {sparse.onednn_available()}  "
+          f"{isa_line()}")
     print(f"protocol      patients {args.patients}  layers {'-'.join(map(str, protocol.network.layer_sizes))}  "
           f"n_train {protocol.task.n_train}  n_standard {protocol.task.n_standard}  batch "
           f"{protocol.baseline.batch_size}  baseline {protocol.baseline.epochs}  "

@@ -34,6 +34,8 @@ three products it holds the elementwise steps of a hidden layer fused into singl
 ``torch.sparse`` CSR products and torch elementwise ops (any device, slower on CPU). The
 environment variable ``VIRTUALPATIENT_SPARSE`` chooses ``auto`` (default: native when it compiles,
 else torch; dense on GPUs), ``native``, ``torch`` or ``off`` (dense matmuls everywhere).
+``VIRTUALPATIENT_MARCH`` chooses the kernels' instruction-set target (:data:`MARCH_CHOICES`:
+``native`` by default, ``x86-64-v3`` for AVX2 code on any AVX2 CPU, ...); the cache keys on it.
 
 Dense layers (the ketamine-like arm's 52.5 % dense ones) use one oneDNN matmul per patient on CPU
 (:func:`dense_forward`, :func:`dense_backward`): MKL's batched matmul runs its AVX2 code on AMD
@@ -42,6 +44,7 @@ CPUs, oneDNN its AVX-512 code (1.8x faster here; docs/performance.md).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -82,43 +85,67 @@ _C_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
-/* 16 floats; GCC and clang lower it to whatever vector width the target has. */
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-
-static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
-static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
-#if defined(__clang__)
-typedef int v16i __attribute__((ext_vector_type(16)));
-#define VP_SHUFFLE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+/* The products are written for 16-float vectors ("v16"): the SpMM accumulates each column alone,
+   and the SDDMM sums 16 lanes, then adds them by halving in a fixed order, so results are
+   reproducible. A v16 is NW native vectors of WL floats: one AVX-512 register, or two AVX2 (or
+   baseline) ones, with the same lane-by-lane arithmetic and the same halving order, so every
+   target computes the same numbers. (A 64-byte GCC vector type on a target without 64-byte
+   registers is kept in memory and moved in 8-byte pieces: 3-4x slower on AVX2.) Loads and stores
+   dereference an unaligned, may_alias type directly: memcpy would be expanded in the compiler's
+   preferred width (256 bits for -march=skylake-avx512), through the stack. */
+#if defined(__AVX512F__)
+#define WL 16
 #else
-typedef int v16i __attribute__((vector_size(64)));
-#define VP_SHUFFLE(v, ...) __builtin_shuffle(v, (v16i){__VA_ARGS__})
+#define WL 8
+#endif
+#define NW (16 / WL)
+typedef float vw __attribute__((vector_size(4 * WL), aligned(4), may_alias));
+
+static inline vw ld(const float *p) { return *(const vw *)p; }
+static inline void st(float *p, vw v) { *(vw *)p = v; }
+#if defined(__clang__)
+typedef int vwi __attribute__((ext_vector_type(WL)));
+#define VP_SHUFFLE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#define VP_UNROLL _Pragma("unroll")
+#else
+typedef int vwi __attribute__((vector_size(4 * WL)));
+#define VP_SHUFFLE(v, ...) __builtin_shuffle(v, (vwi){__VA_ARGS__})
+#define VP_UNROLL _Pragma("GCC unroll 16")   /* keeps arrays of accumulators in registers */
 #endif
 
-/* Sum of the 16 lanes by halving (a fixed order, so results are reproducible). */
-static inline float hsum(v16 s) {
-    s += VP_SHUFFLE(s, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    s += VP_SHUFFLE(s, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    s += VP_SHUFFLE(s, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    s += VP_SHUFFLE(s, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-    return s[0];
+/* Sum of the 16 lanes of the v16 s[0..NW-1] by halving: lanes i and i + 8, then i + 4, i + 2, i + 1. */
+static inline float hsum16(const vw *s) {
+#if WL == 16
+    vw v = s[0];
+    v += VP_SHUFFLE(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v += VP_SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    v += VP_SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    v += VP_SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+#else
+    vw v = s[0] + s[1];
+    v += VP_SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3);
+    v += VP_SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5);
+    v += VP_SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6);
+#endif
+    return v[0];
 }
 
-/* Rows r0..r1 of Y[:, b0:b0 + 16 NV] = bias + sum_k val * X[idx[k], b0:...]; NV accumulators stay in registers. */
+/* Rows r0..r1 of Y[:, b0:b0 + WL NV] = bias + sum_k val * X[idx[k], b0:...]; NV accumulators stay
+   in registers (8 are a quarter of AVX-512's registers, half of AVX2's). */
 #define SPMM_TILE(NV)                                                                              \
     static void spmm_tile_##NV(const int64_t *ptr, const int64_t *idx, const float *val,           \
                                const int64_t *perm, const float *bias, const float *X, float *Y,   \
                                int64_t ldx, int64_t ldy, int64_t r0, int64_t r1, int64_t b0) {     \
         for (int64_t r = r0; r < r1; ++r) {                                                        \
-            v16 acc[NV];                                                                           \
-            for (int j = 0; j < NV; ++j) acc[j] = (v16){0};                                        \
+            vw acc[NV];                                                                            \
+            VP_UNROLL for (int j = 0; j < NV; ++j) acc[j] = (vw){0};                               \
             for (int64_t k = ptr[r]; k < ptr[r + 1]; ++k) {                                        \
                 const float v = perm ? val[perm[k]] : val[k];                                      \
                 const float *x = X + idx[k] * ldx + b0;                                            \
-                for (int j = 0; j < NV; ++j) acc[j] += v * ld(x + 16 * j);                         \
+                VP_UNROLL for (int j = 0; j < NV; ++j) acc[j] += v * ld(x + WL * j);               \
             }                                                                                      \
             const float b = bias ? bias[r] : 0.0f;                                                 \
-            for (int j = 0; j < NV; ++j) st(Y + r * ldy + b0 + 16 * j, acc[j] + b);               \
+            VP_UNROLL for (int j = 0; j < NV; ++j) st(Y + r * ldy + b0 + WL * j, acc[j] + b);     \
         }                                                                                          \
     }
 SPMM_TILE(8)
@@ -129,17 +156,17 @@ SPMM_TILE(1)
 /* Y[r, 0:B] = bias[r] + sum_{k = ptr[r]}^{ptr[r+1]-1} val[perm ? perm[k] : k] * X[idx[k], 0:B]
    for rows r0 <= r < r1. X has row stride ldx, Y row stride ldy. Rows go in blocks of block_rows
    (one patient) and, inside a block, column tile by column tile, so a patient's tile of X stays
-   in cache. */
+   in cache. Tiles only split the columns: each output is the same sum in the same order. */
 void vp_spmm(const int64_t *ptr, const int64_t *idx, const float *val, const int64_t *perm,
              const float *bias, const float *X, float *Y, int64_t r0, int64_t r1, int64_t B,
              int64_t ldx, int64_t ldy, int64_t block_rows) {
     for (int64_t q0 = r0; q0 < r1; q0 += block_rows) {
         const int64_t q1 = q0 + block_rows < r1 ? q0 + block_rows : r1;
         int64_t b0 = 0;
-        for (; b0 + 128 <= B; b0 += 128) spmm_tile_8(ptr, idx, val, perm, bias, X, Y, ldx, ldy, q0, q1, b0);
-        if (b0 + 64 <= B) { spmm_tile_4(ptr, idx, val, perm, bias, X, Y, ldx, ldy, q0, q1, b0); b0 += 64; }
-        if (b0 + 32 <= B) { spmm_tile_2(ptr, idx, val, perm, bias, X, Y, ldx, ldy, q0, q1, b0); b0 += 32; }
-        if (b0 + 16 <= B) { spmm_tile_1(ptr, idx, val, perm, bias, X, Y, ldx, ldy, q0, q1, b0); b0 += 16; }
+        for (; b0 + 8 * WL <= B; b0 += 8 * WL) spmm_tile_8(ptr, idx, val, perm, bias, X, Y, ldx, ldy, q0, q1, b0);
+        if (b0 + 4 * WL <= B) { spmm_tile_4(ptr, idx, val, perm, bias, X, Y, ldx, ldy, q0, q1, b0); b0 += 4 * WL; }
+        if (b0 + 2 * WL <= B) { spmm_tile_2(ptr, idx, val, perm, bias, X, Y, ldx, ldy, q0, q1, b0); b0 += 2 * WL; }
+        if (b0 + WL <= B) { spmm_tile_1(ptr, idx, val, perm, bias, X, Y, ldx, ldy, q0, q1, b0); b0 += WL; }
         for (; b0 < B; ++b0)
             for (int64_t r = q0; r < q1; ++r) {
                 float acc = 0.0f;
@@ -151,16 +178,19 @@ void vp_spmm(const int64_t *ptr, const int64_t *idx, const float *val, const int
 }
 
 /* out[k] = sum_{b < B} G[r, b] * X[idx[k], b] for every entry k of the rows r0 <= r < r1, and
-   gsum[r] = sum_b G[r, b] (the bias gradient) when gsum is not NULL. */
+   gsum[r] = sum_b G[r, b] (the bias gradient) when gsum is not NULL. Sums run in v16 lanes over
+   16-column chunks (even and odd chunks apart), then hsum16, then the columns past the last chunk. */
 void vp_sddmm(const int64_t *ptr, const int64_t *idx, const float *G, const float *X, float *out,
               float *gsum, int64_t r0, int64_t r1, int64_t B, int64_t ldg, int64_t ldx) {
     const int64_t nv = B / 16;
     for (int64_t r = r0; r < r1; ++r) {
         const float *g = G + r * ldg;
         if (gsum) {
-            v16 a = (v16){0};
-            for (int64_t j = 0; j < nv; ++j) a += ld(g + 16 * j);
-            float t = hsum(a);
+            vw a[NW];
+            VP_UNROLL for (int h = 0; h < NW; ++h) a[h] = (vw){0};
+            for (int64_t j = 0; j < nv; ++j)
+                VP_UNROLL for (int h = 0; h < NW; ++h) a[h] += ld(g + 16 * j + WL * h);
+            float t = hsum16(a);
             for (int64_t b = 16 * nv; b < B; ++b) t += g[b];
             gsum[r] = t;
         }
@@ -168,27 +198,41 @@ void vp_sddmm(const int64_t *ptr, const int64_t *idx, const float *G, const floa
         const int64_t k1 = ptr[r + 1];
         for (; k + 2 <= k1; k += 2) {   /* two entries at a time: independent chains */
             const float *x0 = X + idx[k] * ldx, *x1 = X + idx[k + 1] * ldx;
-            v16 s0 = (v16){0}, t0 = (v16){0}, s1 = (v16){0}, t1 = (v16){0};
+            vw s0[NW], t0[NW], s1[NW], t1[NW];
+            VP_UNROLL for (int h = 0; h < NW; ++h) s0[h] = t0[h] = s1[h] = t1[h] = (vw){0};
             int64_t j = 0;
-            for (; j + 2 <= nv; j += 2) {
-                const v16 ga = ld(g + 16 * j), gb = ld(g + 16 * j + 16);
-                s0 += ga * ld(x0 + 16 * j); t0 += gb * ld(x0 + 16 * j + 16);
-                s1 += ga * ld(x1 + 16 * j); t1 += gb * ld(x1 + 16 * j + 16);
-            }
-            if (j < nv) { const v16 ga = ld(g + 16 * j); s0 += ga * ld(x0 + 16 * j); s1 += ga * ld(x1 + 16 * j); }
-            float a0 = hsum(s0 + t0), a1 = hsum(s1 + t1);
+            for (; j + 2 <= nv; j += 2)
+                VP_UNROLL for (int h = 0; h < NW; ++h) {
+                    const int64_t o = 16 * j + WL * h;
+                    const vw ga = ld(g + o), gb = ld(g + o + 16);
+                    s0[h] += ga * ld(x0 + o); t0[h] += gb * ld(x0 + o + 16);
+                    s1[h] += ga * ld(x1 + o); t1[h] += gb * ld(x1 + o + 16);
+                }
+            if (j < nv)
+                VP_UNROLL for (int h = 0; h < NW; ++h) {
+                    const int64_t o = 16 * j + WL * h;
+                    const vw ga = ld(g + o);
+                    s0[h] += ga * ld(x0 + o); s1[h] += ga * ld(x1 + o);
+                }
+            VP_UNROLL for (int h = 0; h < NW; ++h) { s0[h] += t0[h]; s1[h] += t1[h]; }
+            float a0 = hsum16(s0), a1 = hsum16(s1);
             for (int64_t b = 16 * nv; b < B; ++b) { a0 += g[b] * x0[b]; a1 += g[b] * x1[b]; }
             out[k] = a0; out[k + 1] = a1;
         }
         for (; k < k1; ++k) {
             const float *x0 = X + idx[k] * ldx;
-            v16 s0 = (v16){0}, t0 = (v16){0};
+            vw s0[NW], t0[NW];
+            VP_UNROLL for (int h = 0; h < NW; ++h) s0[h] = t0[h] = (vw){0};
             int64_t j = 0;
-            for (; j + 2 <= nv; j += 2) {
-                s0 += ld(g + 16 * j) * ld(x0 + 16 * j); t0 += ld(g + 16 * j + 16) * ld(x0 + 16 * j + 16);
-            }
-            if (j < nv) s0 += ld(g + 16 * j) * ld(x0 + 16 * j);
-            float a0 = hsum(s0 + t0);
+            for (; j + 2 <= nv; j += 2)
+                VP_UNROLL for (int h = 0; h < NW; ++h) {
+                    const int64_t o = 16 * j + WL * h;
+                    s0[h] += ld(g + o) * ld(x0 + o); t0[h] += ld(g + o + 16) * ld(x0 + o + 16);
+                }
+            if (j < nv)
+                VP_UNROLL for (int h = 0; h < NW; ++h) s0[h] += ld(g + 16 * j + WL * h) * ld(x0 + 16 * j + WL * h);
+            VP_UNROLL for (int h = 0; h < NW; ++h) s0[h] += t0[h];
+            float a0 = hsum16(s0);
             for (int64_t b = 16 * nv; b < B; ++b) a0 += g[b] * x0[b];
             out[k] = a0;
         }
@@ -334,7 +378,7 @@ def _cache_dir() -> Path:
 
 
 def _cpu_signature() -> str:
-    """Something that changes when the CPU does (the library is built with ``-march=native``)."""
+    """Something that changes when the CPU does (a ``-march=native`` library is built for it)."""
     sig = platform.machine() + platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -347,19 +391,88 @@ def _cpu_signature() -> str:
     return sig
 
 
-def _compile() -> ctypes.CDLL | None:
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (None where that file is not there)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+#: The values of ``VIRTUALPATIENT_MARCH``: the instruction-set target the native kernels are compiled
+#: for, as GCC and clang name it (``-march=...``), plus ``generic`` (no ``-march`` at all: baseline
+#: x86-64 or whatever the compiler defaults to). ``native`` (default) is this CPU; ``x86-64-v3`` is
+#: AVX2 + FMA (what a CPU without AVX-512 runs); ``x86-64-v4`` adds AVX-512.
+MARCH_CHOICES = ("native", "x86-64-v4", "x86-64-v3", "x86-64-v2", "x86-64", "generic")
+
+#: CPU flags (as /proc/cpuinfo names them) that a library built for each x86 level needs.
+_MARCH_NEEDS = {
+    "x86-64-v2": ("sse4_2", "ssse3", "popcnt"),
+    "x86-64-v3": ("sse4_2", "ssse3", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"),
+    "x86-64-v4": ("sse4_2", "ssse3", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe",
+                  "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+}
+
+
+def march_setting() -> str:
+    """The ``VIRTUALPATIENT_MARCH`` switch, validated (``"native"`` when unset).
+
+    Raises
+    ------
+    UsageError
+        The variable holds another value (the message names the variable and the values it takes).
+    """
+    choice = os.environ.get("VIRTUALPATIENT_MARCH", "native").strip().lower() or "native"
+    if choice not in MARCH_CHOICES:
+        raise UsageError(f"environment variable VIRTUALPATIENT_MARCH must be one of {', '.join(MARCH_CHOICES)}, "
+                         f"got {choice!r}")
+    return choice
+
+
+def march_supported(march: str) -> bool:
+    """Whether this CPU runs code built for ``march`` (True where its flags cannot be read)."""
+    if march in ("native", "generic", "x86-64"):
+        return True
+    flags = _cpu_flags()
+    if flags is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        return flags is None
+    return all(f in flags for f in _MARCH_NEEDS[march])
+
+
+def _arch_flags(march: str) -> list[str]:
+    return [] if march == "generic" else [f"-march={march}"]
+
+
+def _compile(march: str = "native") -> ctypes.CDLL | None:
+    """Build (or find in the cache) the kernels for the instruction-set target ``march``.
+
+    The cache key holds the source, the compiler, the flags and the target; a ``native`` build
+    also holds the CPU's model and flags (it is built for this CPU), so a ``native`` and an
+    ``x86-64-v3`` library never share a file, even on one machine.
+    """
+    if march not in MARCH_CHOICES:
+        raise UsageError(f"instruction-set target must be one of {', '.join(MARCH_CHOICES)}, got {march!r}")
+    if not march_supported(march):
+        raise UsageError(f"VIRTUALPATIENT_MARCH={march} needs CPU features "
+                         f"({', '.join(_MARCH_NEEDS[march])}) that this CPU lacks")
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         return None
-    key = hashlib.sha256((_C_SOURCE + cc + _FLAGS + _cpu_signature()).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"vp_sparse_{key}.so"
+    machine = _cpu_signature() if march == "native" else platform.machine()
+    key = hashlib.sha256("\0".join((_C_SOURCE, cc, _FLAGS, march, machine)).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"vp_sparse_{march}_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             src = Path(tmp) / "vp_sparse.c"
             src.write_text(_C_SOURCE)
             out = Path(tmp) / target.name
-            for arch in (["-march=native"], []):
+            # A compiler that does not know the target builds a baseline library only for "native"
+            # (the default must work anywhere); a named target it cannot build is no target at all.
+            for arch in ((_arch_flags(march), []) if march == "native" else (_arch_flags(march),)):
                 cmd = [cc, *_FLAGS.split(), *arch, "-shared", "-fPIC", "-o", str(out), str(src)]
                 if subprocess.run(cmd, capture_output=True).returncode == 0:
                     break
@@ -379,6 +492,7 @@ def _compile() -> ctypes.CDLL | None:
     lib.vp_pre_grad.restype = None
     lib.vp_noise_t.argtypes = [p, p, i, i, i, f, f, f, f]
     lib.vp_noise_t.restype = None
+    lib.vp_march = march
     return lib
 
 
@@ -387,14 +501,43 @@ def _native_lib() -> ctypes.CDLL | None:
     if not _native_tried:
         with _lock:
             if not _native_tried:
+                march = march_setting()  # a bad value is the user's to fix: raised, not warned about
                 try:
-                    _native = _compile()
+                    _native = _compile(march)
+                except UsageError:
+                    raise
                 except Exception as exc:  # pragma: no cover - depends on the machine
                     warnings.warn(f"virtualpatient: native sparse kernels unavailable ({exc}); using torch.sparse",
                                   RuntimeWarning, stacklevel=2)
                     _native = None
                 _native_tried = True
     return _native
+
+
+def kernel_target() -> str | None:
+    """The instruction-set target of the loaded native kernels (a :data:`MARCH_CHOICES` value), or
+    None without them."""
+    lib = _native_lib()
+    return None if lib is None else lib.vp_march
+
+
+@contextlib.contextmanager
+def kernels_for(march: str):
+    """Within the block, the native kernels are the ones built for ``march`` (for tests and
+    benchmarks that compare targets in one process). Raises :class:`UsageError` for an unknown
+    target or one this CPU cannot run, and RuntimeError when the compiler cannot build it."""
+    global _native, _native_tried
+    lib = _compile(march)
+    if lib is None:
+        raise RuntimeError(f"the C compiler could not build the kernels for {march}")
+    with _lock:
+        old = (_native, _native_tried)
+        _native, _native_tried = lib, True
+    try:
+        yield lib
+    finally:
+        with _lock:
+            _native, _native_tried = old
 
 
 def kernels_available() -> bool:
@@ -412,12 +555,14 @@ def sparse_setting() -> str:
     Raises
     ------
     UsageError
-        The variable holds another value (the message names the variable and the values it takes).
+        The variable holds another value (the message names the variable and the values it takes),
+        or ``VIRTUALPATIENT_MARCH`` does (:func:`march_setting`).
     """
     choice = os.environ.get("VIRTUALPATIENT_SPARSE", "auto").strip().lower() or "auto"
     if choice not in SPARSE_CHOICES:
         raise UsageError(f"environment variable VIRTUALPATIENT_SPARSE must be one of {', '.join(SPARSE_CHOICES)}, "
                          f"got {choice!r}")
+    march_setting()  # its companion switch, so that callers refusing bad settings early refuse both
     return choice
 
 
@@ -695,8 +840,11 @@ def dense_backward(weight: torch.Tensor, gz: torch.Tensor, xt: torch.Tensor, nee
         return gw, gbias, gx
     gw = torch.stack([_mm(g, x) for g, x in zip(gz, xt)])  # [out, n] @ [n, in]
     gx = None
-    if need_input:  # W^T gz with both operands as transposed views (oneDNN takes the strides)
-        parts = [_mm(w.t(), g.t()) for g, w in zip(gz, weight)]
+    if need_input:  # W^T gz as (gz^T W)^T: oneDNN reads both operands where they lie, as it does in
+        # the forward; given W^T as a strided view it copies it first (2x slower on 512 x 512, on
+        # AVX-512 and AVX2 alike: bench_levers --only flops). The same sums in the same order: the
+        # same bits (checked on AVX-512 and AVX2, square and odd live-block shapes).
+        parts = [_mm(g.t(), w.t()).t() for g, w in zip(gz, weight)]
         gx = torch.stack(parts, out=out) if out is not None else torch.stack(parts)
     return gw, gbias, gx
 
