@@ -177,7 +177,7 @@ BAD = [
     ("[[regimens.x]]\nphase = \"assess\"\ndrop_from = \"acute\"\n",
      ["study.toml: regimens.x[0].drop_from: no assess labelled 'acute' runs before it"]),
     ("[[regimens.x]]\nphase = \"stress\"\n",
-     ["study.toml: regimens.x[0]: a stress phase needs further > 0 (pruning) or epochs > 0 (noisy training)"]),
+     ["study.toml: regimens.x[0]: a stress phase needs further or live > 0 (pruning) or epochs > 0 (noisy training)"]),
     ("[[regimens.x]]\nphase = \"treat\"\narm = \"ssri\"\n",
      ["study.toml: regimens.x: a regimen must measure something"]),
     ("[[regimens.x]]\nphase = \"assess\"\ntests = [\"mood\"]\n",

@@ -110,6 +110,39 @@ def off_medication_noise(batch: PatientBatch, noise: NoiseSource) -> list[Row]:
     return _internal_noise(batch, noise, batch.protocol.assessment.off_medication_sigmas)
 
 
+@register_assessment("input_noise")
+def input_noise(batch: PatientBatch, noise: NoiseSource) -> list[Row]:
+    """Accuracy with N(0, sd^2) added to the inputs, at each ``assessment.input_noise_sds``, no internal
+    noise (family Ch02 fact 6); rows have condition ``input_noise`` and the sd as ``noise_sigma``."""
+    mod = batch.modulation.replace(noise_sigma=0.0)
+    rows = []
+    for sd in batch.protocol.assessment.input_noise_sds:
+        acc = batch.accuracy("standard", mod=mod, input_sd=float(sd), noise=noise)
+        rows += rows_for(batch, "accuracy", acc, "input_noise", float(sd))
+    return rows
+
+
+@register_assessment("sparsity_all")
+def sparsity_all(batch: PatientBatch, noise: NoiseSource | None = None) -> list[Row]:
+    """Share of exactly-zero values over **all** parameters, biases included, percent (family Ch02
+    fact 6: the chapter's count, below the mask-based ``sparsity`` because biases are never pruned)."""
+    p = batch.params
+    tensors = [*p.weights, *p.biases]
+    zeros = sum((t == 0).flatten(1).sum(1) for t in tensors).double()
+    total = sum(t[0].numel() for t in tensors)
+    return rows_for(batch, "sparsity_all", 100.0 * zeros / total)
+
+
+@register_assessment("scar_fraction")
+def scar_fraction(batch: PatientBatch, noise: NoiseSource | None = None) -> list[Row]:
+    """Scarred entries over all weight-matrix entries, percent (family 068E fact 2); 0 with no scar."""
+    scar = getattr(batch, "scar", None)
+    if scar is None:
+        return rows_for(batch, "scar_fraction", [0.0] * len(batch))
+    total = sum(s[0].numel() for s in scar)
+    return rows_for(batch, "scar_fraction", 100.0 * sum(s.flatten(1).sum(1) for s in scar).double() / total)
+
+
 @register_assessment("biased")
 def biased(batch: PatientBatch, noise: NoiseSource) -> list[Row]:
     """Accuracy under biased positive noise, the manic-switch proxy (fact 5)."""

@@ -34,6 +34,8 @@ __all__ = [
     "prune_global",
     "prune_per_layer",
     "quantile",
+    "prune_weakest",
+    "random_positions",
     "random_scores",
     "regrow",
 ]
@@ -203,3 +205,53 @@ def regrow(
                 m[p].view(-1)[top] = 1.0
             grown.append(new)
     return grown
+
+
+def prune_weakest(params: Params, shares: Sequence[float], layers: Sequence[int] | None = None,
+                  exclude: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Prune a share of each layer's *live* weights, the weakest first (family 068A fact 6, 068E fact 8e).
+
+    Per patient and chosen layer: ``n`` live entries (mask 1, not in ``exclude``), ``k =
+    floor(share x n)`` (the layer is skipped when ``k = 0``), threshold = the k-th smallest ``|w|``
+    among them, and every live entry with ``|w|`` at or below it is pruned (ties may prune a few
+    more). Unlike :func:`prune_per_layer`, each layer loses a share of its *own* live weights, with
+    no overall target and no cap.
+
+    Returns
+    -------
+    list of Tensor
+        Per weight matrix, a bool ``[P, out, in]`` of the newly pruned positions.
+    """
+    if len(shares) != params.n_patients:
+        raise ValueError(f"share: need one per patient ({params.n_patients}), got {len(shares)}")
+    layers = range(len(params.weights)) if layers is None else layers
+    new = [torch.zeros_like(m, dtype=torch.bool) for m in params.masks]
+    with torch.no_grad():
+        for i in layers:
+            w, m = params.weights[i], params.masks[i]
+            for p, share in enumerate(shares):
+                if not 0.0 <= share <= 1.0:
+                    raise ValueError(f"share: must lie in [0, 1], got {share}")
+                live = m[p] > 0
+                if exclude is not None:
+                    live &= ~exclude[i][p]
+                k = math.floor(share * int(live.sum()))
+                if k == 0:
+                    continue
+                mag = w[p].abs().double()
+                threshold = torch.kthvalue(mag[live], k).values
+                hit = live & (mag <= threshold)
+                new[i][p] = hit
+                m[p][hit] = 0.0
+    params.apply_masks()
+    return new
+
+
+def random_positions(free: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """A bool mask of ``k`` positions drawn uniformly without replacement among ``free`` (068E fact 3)."""
+    idx = free.flatten().nonzero().flatten()
+    k = min(k, idx.numel())
+    order = torch.randperm(idx.numel(), generator=generator)[:k].to(idx.device)
+    out = torch.zeros(free.numel(), dtype=torch.bool, device=free.device)
+    out[idx[order]] = True
+    return out.view_as(free)
