@@ -50,7 +50,7 @@ Examples
 --------
 >>> from virtualpatient.phases import build_phase
 >>> build_phase({"phase": "washout", "steps": 10, "test_every": 5})
-Washout(label='washout', when='always', steps=10, decay=None, test_every=5, threshold=None)
+Washout(label='washout', when='always', steps=10, decay=None, test_every=5, threshold=None, bias=None)
 >>> build_phase({"phase": "repeat", "times": 0, "phases": []})
 Traceback (most recent call last):
 ...
