@@ -214,3 +214,17 @@ def test_bad_family_options_are_refused_naming_the_field(spec, field):
     with pytest.raises(ValueError, match=field) as info:
         build_phase(spec)
     assert "\n" not in str(info.value)
+
+
+def test_live_prune_min_count_prunes_at_least_one(make_protocol, make_patients):
+    """With a share too small to prune anything (floor(0.001 x live) = 0), ``min_count = 1`` prunes
+    exactly one live weight per matrix and patient (068E fact 8e: k = max(1, floor(e n))), and
+    without it nothing changes."""
+    protocol = make_protocol()
+    group = _group(make_patients, protocol)
+    live = [[int(_live(group, i, p).sum()) for p in range(2)] for i in range(4)]
+    ctx = Context(protocol, "arm")
+    run_schedule([Stress(live=0.001)], [group], ctx)
+    assert [[int(_live(group, i, p).sum()) for p in range(2)] for i in range(4)] == live
+    run_schedule([Stress(live=0.001, min_count=1)], [group], ctx)
+    assert [[int(_live(group, i, p).sum()) for p in range(2)] for i in range(4)] == [[x - 1 for x in r] for r in live]

@@ -512,7 +512,8 @@ class Stress(Phase):
     state (family 068E fact 8d-e): severity ``= clip(1 + (g - 1) + activation_weight (A -
     activation_reference), *severity_range)`` from the effective gain ``g`` and the activation
     magnitude ``A``, share ``= clip(live x severity, *share_range)``; a ``severity`` row per patient
-    is reported. With ``scar`` and ``when = "relapsed"`` this is 068E's episode scar.
+    is reported. ``min_count`` prunes at least that many live weights per matrix (068E: 1). With
+    ``scar`` and ``when = "relapsed"`` this is 068E's episode scar.
     """
 
     label: str = "stress"
@@ -524,6 +525,7 @@ class Stress(Phase):
     noise_sigma: float = Field(0.0, ge=0, le=MAX_NOISE)
     scar: bool = False
     live: float = Field(0.0, ge=0, le=1)
+    min_count: int = Field(0, ge=0, le=MAX_STEPS)
     sized_by: Literal["fixed", "severity"] = "fixed"
     activation_weight: float = Field(SEVERITY_ACTIVATION_WEIGHT, ge=0, le=MAX_NOISE)
     activation_reference: float = Field(SEVERITY_ACTIVATION_REFERENCE, ge=0, le=MAX_NOISE)
@@ -574,7 +576,7 @@ class Stress(Phase):
                 shares = [min(max(self.live * x, self.share_range[0]), self.share_range[1]) for x in sev]
                 rows = ctx.emit(group, rows_for(b, "severity", sev), self.label)
             new = plasticity.prune_weakest(b.params, shares, layers=_layers(ctx.protocol, self.layers),
-                                           exclude=group.scar)
+                                           exclude=group.scar, min_count=self.min_count)
             if self.scar:
                 group.add_scar_positions(new)
         n = self.epochs

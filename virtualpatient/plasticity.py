@@ -208,11 +208,12 @@ def regrow(
 
 
 def prune_weakest(params: Params, shares: Sequence[float], layers: Sequence[int] | None = None,
-                  exclude: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                  exclude: Sequence[torch.Tensor] | None = None, min_count: int = 0) -> list[torch.Tensor]:
     """Prune a share of each layer's *live* weights, the weakest first (family 068A fact 6, 068E fact 8e).
 
     Per patient and chosen layer: ``n`` live entries (mask 1, not in ``exclude``), ``k =
-    floor(share x n)`` (the layer is skipped when ``k = 0``), threshold = the k-th smallest ``|w|``
+    max(min_count, floor(share x n))`` at most ``n`` (the layer is skipped when ``k = 0``; 068A uses
+    ``min_count = 0``, 068E's episode scar 1), threshold = the k-th smallest ``|w|``
     among them, and every live entry with ``|w|`` at or below it is pruned (ties may prune a few
     more). Unlike :func:`prune_per_layer`, each layer loses a share of its *own* live weights, with
     no overall target and no cap.
@@ -235,7 +236,8 @@ def prune_weakest(params: Params, shares: Sequence[float], layers: Sequence[int]
                 live = m[p] > 0
                 if exclude is not None:
                     live &= ~exclude[i][p]
-                k = math.floor(share * int(live.sum()))
+                n = int(live.sum())
+                k = min(n, max(min_count, math.floor(share * n)))
                 if k == 0:
                     continue
                 mag = w[p].abs().double()
