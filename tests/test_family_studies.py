@@ -52,7 +52,8 @@ def test_family_study_ships_valid(study):
 
 
 @pytest.mark.parametrize(("study", "levels", "seeds"), [
-    ("pruning_cliff_fresh", 9, 9), ("pruning_cliff_shared", 9, 1), ("dose_sweeps", 31, 1)])
+    ("pruning_cliff_fresh", 9, 9), ("pruning_cliff_shared", 9, 1), ("dose_sweeps", 31, 1),
+    ("regrowth_control", 2, 2)])
 def test_family_sweeps_ship_valid(study, levels, seeds):
     """The sweep files load with their levels (Ch02: 9 depths; 068A: 11 + 11 + 9 doses); a fresh
     baseline gives each level its own seed, a shared one the study seed at every level."""
@@ -160,3 +161,18 @@ def test_dose_sweeps_level():
         e = rows[(rows.phase == "sweep_relapse") & (rows.metric == "sparsity")].sort_values("patient").value
         e = e.to_numpy() / 100
         np.testing.assert_allclose(e, s + 0.4 * (1 - s), atol=0.01, err_msg=arm)
+
+
+def test_regrowth_control_levels():
+    """Ch02 (i, ii) in tiny form: both regrowth levels (gradient, random, each on a fresh network)
+    run with different seeds, regrow to about 47.5 % mask sparsity, and report the input-noise tests
+    at sd 1 and 2 and the four internal-noise levels of the Ch02 battery."""
+    arms = {"ketamine": {"gain": 1.0, "regrow_fraction": 0.5, "epochs": 1, "score_batches": 2}}
+    runs = _level_run("regrowth_control", lambda lv: lv, arms=arms)
+    assert {lv.values["arms.ketamine.score"] for lv, _ in runs} == {"gradient", "random"}
+    assert len({lv.protocol.seed for lv, _ in runs}) == 2
+    for _, df in runs:
+        regrown = df[df.phase == "regrown"]
+        np.testing.assert_allclose(regrown[regrown.metric == "sparsity"].value, 47.5, atol=3)
+        assert sorted(regrown[regrown.condition == "input_noise"].noise_sigma.unique()) == [1.0, 2.0]
+        assert sorted(regrown[regrown.condition == "internal_noise"].noise_sigma.unique()) == [0.3, 0.5, 1.0, 1.5]
