@@ -228,3 +228,37 @@ def test_live_prune_min_count_prunes_at_least_one(make_protocol, make_patients):
     assert [[int(_live(group, i, p).sum()) for p in range(2)] for i in range(4)] == live
     run_schedule([Stress(live=0.001, min_count=1)], [group], ctx)
     assert [[int(_live(group, i, p).sum()) for p in range(2)] for i in range(4)] == [[x - 1 for x in r] for r in live]
+
+
+@pytest.mark.parametrize("minimum", [0, 1])
+def test_regrowth_minimum(make_protocol, make_patients, minimum):
+    """A ketamine-like course with a fraction too small to regrow anything (floor(0.001 x pruned) = 0
+    in every layer) regrows exactly ``regrow_min`` positions per layer and patient (the family
+    notebooks' gradient regrowth: at least 1)."""
+    protocol = make_protocol(arms={"ketamine": {"regrow_fraction": 0.001, "regrow_min": minimum,
+                                                "epochs": 0, "score_batches": 1}})
+    group = _group(make_patients, protocol)
+    before = [(m == 0).flatten(1).sum(1) for m in group.batch.params.masks]
+    Treat(arm="ketamine").run(group, Context(protocol, "arm"))
+    for b, m in zip(before, group.batch.params.masks):
+        assert ((b - (m == 0).flatten(1).sum(1)) == minimum).all()
+
+
+def test_severity_assessment_matches_the_episode(make_protocol, make_patients):
+    """The ``severity`` assessment (reported every cycle) equals the severity the state-sized
+    episode computes, and changes with the gain (1.25 vs 1.6: +0.35 unless clipped)."""
+    protocol = make_protocol()
+    group = _group(make_patients, protocol)
+    group.batch.modulation = Modulation(gain=1.25)
+    ctx = Context(protocol, "arm")
+    _, rows = run_schedule([Assess(label="a", tests=("severity",)),
+                            Stress(live=0.05, sized_by="severity")], [group], ctx)
+    a = [r["value"] for r in rows if r["phase"] == "a"]
+    b = [r["value"] for r in rows if r["phase"] == "stress"]
+    assert a == pytest.approx(b) and len(a) == 2
+    fresh = _group(make_patients, protocol)
+    fresh.batch.modulation = Modulation(gain=1.25)
+    low = [r["value"] for r in Assess(tests=("severity",)).run(fresh, ctx)[1]]
+    fresh.batch.modulation = Modulation(gain=1.6)
+    high = [r["value"] for r in Assess(tests=("severity",)).run(fresh, ctx)[1]]
+    assert all(h > lo or h == 2.0 for h, lo in zip(high, low))

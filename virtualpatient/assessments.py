@@ -143,6 +143,35 @@ def scar_fraction(batch: PatientBatch, noise: NoiseSource | None = None) -> list
     return rows_for(batch, "scar_fraction", 100.0 * sum(s.flatten(1).sum(1) for s in scar).double() / total)
 
 
+#: Episode severity from the patient's state (family 068E fact 8d): clip(1 + (g - 1) + 2 (A - 0.1),
+#: 0.5, 2.0), g the effective gain, A the activation magnitude.
+SEVERITY_ACTIVATION_WEIGHT = 2.0
+SEVERITY_ACTIVATION_REFERENCE = 0.1
+SEVERITY_RANGE = (0.5, 2.0)
+
+
+def episode_severity(batch: PatientBatch, activation_weight: float = SEVERITY_ACTIVATION_WEIGHT,
+                     activation_reference: float = SEVERITY_ACTIVATION_REFERENCE,
+                     severity_range: tuple[float, float] = SEVERITY_RANGE) -> list[float]:
+    """Per patient ``clip(1 + (g - 1) + activation_weight (A - activation_reference), *severity_range)``.
+
+    ``g`` is the effective gain and ``A`` the activation magnitude in the current modulation
+    (family 068E fact 8d); the ``stress`` phase sizes its episode damage with it.
+    """
+    g = batch.effective_modulation().values("gain", len(batch))
+    a = batch.activation_magnitude()
+    lo, hi = severity_range
+    return [min(max(1.0 + (float(gi) - 1.0) + activation_weight * (float(ai) - activation_reference), lo), hi)
+            for gi, ai in zip(g, a)]
+
+
+@register_assessment("severity")
+def severity(batch: PatientBatch, noise: NoiseSource | None = None) -> list[Row]:
+    """The episode severity of every patient at the sheet's defaults (family 068E fact 8d: computed
+    every kindling cycle, whether or not the patient relapses)."""
+    return rows_for(batch, "severity", episode_severity(batch))
+
+
 @register_assessment("biased")
 def biased(batch: PatientBatch, noise: NoiseSource) -> list[Row]:
     """Accuracy under biased positive noise, the manic-switch proxy (fact 5)."""

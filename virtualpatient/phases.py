@@ -70,7 +70,16 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 from virtualpatient import plasticity
-from virtualpatient.assessments import ACUTE, ASSESSMENTS, OFF_MEDICATION, rows_for
+from virtualpatient.assessments import (
+    ACUTE,
+    ASSESSMENTS,
+    OFF_MEDICATION,
+    SEVERITY_ACTIVATION_REFERENCE,
+    SEVERITY_ACTIVATION_WEIGHT,
+    SEVERITY_RANGE,
+    episode_severity,
+    rows_for,
+)
 from virtualpatient.errors import VirtualPatientError
 from virtualpatient.limits import MAX_EPOCHS, MAX_LEVELS, MAX_LR, MAX_NOISE, MAX_STEPS
 from virtualpatient.network import BiasedNoise, Modulation, NoiseSource, NonFiniteError, Params
@@ -131,12 +140,9 @@ CONDITIONS = ("always", "relapsed", "remitted")
 
 PHASES: dict[str, type[Phase]] = {}
 
-#: Episode damage sized by state (family 068E fact 8d-e): severity = clip(1 + (g - 1) +
-#: 2 (A - 0.1), 0.5, 2.0); share of live weights scarred = clip(0.05 x severity, 0.02, 0.20)
-#: (the 0.05 is the study file's ``live``).
-SEVERITY_ACTIVATION_WEIGHT = 2.0
-SEVERITY_ACTIVATION_REFERENCE = 0.1
-SEVERITY_RANGE = (0.5, 2.0)
+#: Episode damage sized by state (family 068E fact 8e): share of live weights scarred =
+#: clip(0.05 x severity, 0.02, 0.20) (the 0.05 is the study file's ``live``; the severity is
+#: :func:`~virtualpatient.assessments.episode_severity`).
 EPISODE_SHARE_RANGE = (0.02, 0.20)
 
 #: Dose metrics (family 068A fact 7): an entry "turned over" when |post - pre| / max(|pre|, 1e-8)
@@ -593,11 +599,7 @@ class Stress(Phase):
 
     def severity(self, batch: PatientBatch) -> list[float]:
         """Per patient ``clip(1 + (g - 1) + w (A - ref), *severity_range)`` (068E fact 8d)."""
-        g = batch.effective_modulation().values("gain", len(batch))
-        a = batch.activation_magnitude()
-        lo, hi = self.severity_range
-        w, ref = self.activation_weight, self.activation_reference
-        return [min(max(1.0 + (float(gi) - 1.0) + w * (float(ai) - ref), lo), hi) for gi, ai in zip(g, a)]
+        return episode_severity(batch, self.activation_weight, self.activation_reference, self.severity_range)
 
 
 @register_phase("treat")

@@ -170,12 +170,15 @@ def regrow(
     init_sd: float,
     generators: Sequence[torch.Generator],
     blocked: Sequence[torch.Tensor] | None = None,
+    min_count: int = 0,
 ) -> list[torch.Tensor]:
     """Reinstate the top-scored pruned positions of every layer with N(0, init_sd^2) values.
 
     In each layer a patient regrows ``floor(fraction * pruned count)`` of its pruned positions,
     those with the highest score; the mask is set to 1 there (fact 8). ``blocked`` (per layer, a
     bool ``[P, out, in]``: scars) are never regrown and do not count as pruned candidates.
+    ``min_count`` regrows at least that many per layer while candidates remain (the family
+    notebooks' gradient regrowth: at least 1; family README, 068E fact 5, Ch03 fact 7).
 
     Returns
     -------
@@ -194,7 +197,8 @@ def regrow(
                 pruned = m[p] == 0
                 if blocked is not None:
                     pruned &= ~blocked[layer][p]
-                k = int(frac * int(pruned.sum()))
+                n = int(pruned.sum())
+                k = min(n, max(min_count, int(frac * n)))
                 values = torch.randn(w.shape[1:], generator=g).to(w.device) * init_sd
                 if k == 0:
                     continue
