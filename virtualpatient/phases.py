@@ -1324,7 +1324,8 @@ def check_schedule(spine: Sequence[Phase], regimens: dict[str, Sequence[Phase]],
 
     Faults: a regimen without phases or with a name that cannot be a folder, a treat of an arm the
     study does not define, a washout with no earlier treat (its decay rate) and no ``decay``, a
-    conditional phase or ``drop_from`` with nothing earlier to read, a fork in the spine (the
+    conditional phase or ``drop_from`` with nothing earlier to read, a ``dose`` with no snapshot
+    earlier in its regimen, a fork in the spine (the
     spine's end state must be one per patient), a fork anywhere but at the end of a Python spine.
     """
     from virtualpatient.names import check_distinct, check_name
@@ -1350,14 +1351,16 @@ def check_schedule(spine: Sequence[Phase], regimens: dict[str, Sequence[Phase]],
             if p.label in SPINE_LABELS:
                 problems.append(f"{where}.label: {p.label!r} is reserved for the spine's rows")
     tracks = [("schedule", list(spine), None)] + [(f"regimens.{n}", list(r), n) for n, r in regimens.items()]
-    spine_state = _flow(spine, "schedule", arms, {"treated": False, "verdict": False, "labels": set()}, problems)
+    spine_state = _flow(spine, "schedule", arms, {"treated": False, "verdict": False, "labels": set(),
+                                                  "snapshots": set()}, problems)
     for where, phases, _ in tracks[1:]:
         if not phases:
             problems.append(f"{where}: a regimen needs at least one phase")
-        elif not any(isinstance(p, (Assess, Maintain, Washout)) or (isinstance(p, Discontinue) and p.steps)
+        elif not any(isinstance(p, (Assess, Maintain, Washout, Dose)) or (isinstance(p, Discontinue) and p.steps)
                      for p, _ in _walk(phases, where)):
-            problems.append(f"{where}: a regimen must measure something (an assess, maintain, washout or taper)")
-        _flow(phases, where, arms, dict(spine_state, labels=set(spine_state["labels"])), problems)
+            problems.append(f"{where}: a regimen must measure something (an assess, maintain, washout, taper or dose)")
+        # a snapshot lives within a unit of work: the spine's do not reach a regimen
+        _flow(phases, where, arms, dict(spine_state, labels=set(spine_state["labels"]), snapshots=set()), problems)
     for p, where in [w for t in tracks for w in _walk(t[1], t[0])]:
         if isinstance(p, Fork):
             problems.append(f"{where}: a fork may only end the top-level schedule")
@@ -1391,8 +1394,14 @@ def _flow(phases: Sequence[Phase], where: str, arms: dict, state: dict, problems
             if p.drop_from is not None and p.drop_from not in state["labels"]:
                 problems.append(f"{here}.drop_from: no assess labelled {p.drop_from!r} runs before it")
             state["labels"].add(p.label)
+        elif isinstance(p, Snapshot):
+            state["snapshots"].add(p.name)
+        elif isinstance(p, Dose):
+            if p.since not in state["snapshots"]:
+                problems.append(f"{here}.since: no snapshot named {p.since!r} is taken before it in this regimen")
         elif isinstance(p, Probe):
-            _flow(p.phases, f"{here}.phases", arms, dict(state, labels=set(state["labels"])), problems)
+            _flow(p.phases, f"{here}.phases", arms, dict(state, labels=set(state["labels"]),
+                                                          snapshots=set(state["snapshots"])), problems)
         elif isinstance(p, Repeat):
             state = _flow(p.phases, f"{here}.phases", arms, state, problems)
     return state
