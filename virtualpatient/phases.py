@@ -962,7 +962,8 @@ class Scar(Phase):
 
     def apply(self, group: Group, ctx: Context) -> list[Row]:
         b = group.batch
-        gens = b.generators(ctx.stream(self.stream))
+        stream = ctx.stream(self.stream)
+        gens = [spec.generator(stream + group.suffix(i)) for i, spec in enumerate(b.specs)]  # per row, as noise
         draws = [float(torch.rand((), generator=g)) * self.max_share if self.share is None else self.share
                  for g in gens]
         new = []
