@@ -52,7 +52,7 @@ def _run(runs, study: str) -> pd.DataFrame:
     return runs[study]
 
 
-@pytest.mark.parametrize("study", ["sequencing", "taper", "second_episode", "chronic_stress"])
+@pytest.mark.parametrize("study", ["sequencing", "taper", "second_episode", "family/chronic_stress"])
 def test_example_study_ships_valid(study):
     """The shipped file loads with its own sizes (10 patients) and a schedule of its own."""
     protocol = Protocol.from_dict(tomllib.loads((STUDIES / f"{study}.toml").read_text()), source=study)
@@ -108,7 +108,7 @@ def test_chronic_stress(runs):
     """No gain anywhere; per arm 9 chronic points (cycle 0-8), each episode removes 10 % of what remains
     (ketamine never regrows between episodes, so its sparsity climbs), and the neurosteroid arm alone
     has off-medication rows; no biased test, no wash-out."""
-    df = _run(runs, "chronic_stress")
+    df = _run(runs, "family/chronic_stress")
     assert set(df[df.metric == "gain"].value) <= {1.0}
     assert not (df.condition == "biased").any() and not (df.phase == "washout").any()
     chronic = df[(df.phase == "chronic") & (df.metric == "sparsity")]

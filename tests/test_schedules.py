@@ -177,11 +177,13 @@ BAD = [
     ("[[regimens.x]]\nphase = \"assess\"\ndrop_from = \"acute\"\n",
      ["study.toml: regimens.x[0].drop_from: no assess labelled 'acute' runs before it"]),
     ("[[regimens.x]]\nphase = \"stress\"\n",
-     ["study.toml: regimens.x[0]: a stress phase needs further > 0 (pruning) or epochs > 0 (noisy training)"]),
+     ["study.toml: regimens.x[0]: a stress phase needs further or live > 0 (pruning) or epochs > 0 (noisy training)"]),
     ("[[regimens.x]]\nphase = \"treat\"\narm = \"ssri\"\n",
      ["study.toml: regimens.x: a regimen must measure something"]),
     ("[[regimens.x]]\nphase = \"assess\"\ntests = [\"mood\"]\n",
      ["study.toml: regimens.x[0].tests: unknown assessment(s) ['mood']"]),
+    ("[[schedule]]\nphase = \"snapshot\"\n[[regimens.x]]\nphase = \"dose\"\n",
+     ["study.toml: regimens.x[0].since: no snapshot named 'pre' is taken before it in this regimen"]),
     # two problems in two places: one line each
     ("[[schedule]]\nphase = \"train\"\nlr = 0\n[[schedule]]\nphase = \"lesion\"\nfraction = 1.5\n",
      ["study.toml: schedule[0].lr: Input should be greater than 0",
@@ -192,7 +194,8 @@ BAD = [
 @pytest.mark.parametrize(("text", "lines"), BAD, ids=[
     "unknown-phase", "negative-epochs", "unknown-key", "repeat-zero", "empty-block", "washout-before-treat",
     "undefined-arm", "condition-without-verdict", "unknown-block", "path-name", "reserved-name", "fork-in-spine",
-    "drop-without-source", "empty-stress", "measures-nothing", "unknown-assessment", "two-problems"])
+    "drop-without-source", "empty-stress", "measures-nothing", "unknown-assessment", "dose-without-snapshot",
+    "two-problems"])
 def test_bad_schedules_are_refused_one_line_per_problem(tmp_path, text, lines):
     """Each faulty schedule raises ProtocolError whose lines name the file, the place and the problem."""
     path = _study(tmp_path, text)

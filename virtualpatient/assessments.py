@@ -110,6 +110,68 @@ def off_medication_noise(batch: PatientBatch, noise: NoiseSource) -> list[Row]:
     return _internal_noise(batch, noise, batch.protocol.assessment.off_medication_sigmas)
 
 
+@register_assessment("input_noise")
+def input_noise(batch: PatientBatch, noise: NoiseSource) -> list[Row]:
+    """Accuracy with N(0, sd^2) added to the inputs, at each ``assessment.input_noise_sds``, no internal
+    noise (family Ch02 fact 6); rows have condition ``input_noise`` and the sd as ``noise_sigma``."""
+    mod = batch.modulation.replace(noise_sigma=0.0)
+    rows = []
+    for sd in batch.protocol.assessment.input_noise_sds:
+        acc = batch.accuracy("standard", mod=mod, input_sd=float(sd), noise=noise)
+        rows += rows_for(batch, "accuracy", acc, "input_noise", float(sd))
+    return rows
+
+
+@register_assessment("sparsity_all")
+def sparsity_all(batch: PatientBatch, noise: NoiseSource | None = None) -> list[Row]:
+    """Share of exactly-zero values over **all** parameters, biases included, percent (family Ch02
+    fact 6: the chapter's count, below the mask-based ``sparsity`` because biases are never pruned)."""
+    p = batch.params
+    tensors = [*p.weights, *p.biases]
+    zeros = sum((t == 0).flatten(1).sum(1) for t in tensors).double()
+    total = sum(t[0].numel() for t in tensors)
+    return rows_for(batch, "sparsity_all", 100.0 * zeros / total)
+
+
+@register_assessment("scar_fraction")
+def scar_fraction(batch: PatientBatch, noise: NoiseSource | None = None) -> list[Row]:
+    """Scarred entries over all weight-matrix entries, percent (family 068E fact 2); 0 with no scar."""
+    scar = getattr(batch, "scar", None)
+    if scar is None:
+        return rows_for(batch, "scar_fraction", [0.0] * len(batch))
+    total = sum(s[0].numel() for s in scar)
+    return rows_for(batch, "scar_fraction", 100.0 * sum(s.flatten(1).sum(1) for s in scar).double() / total)
+
+
+#: Episode severity from the patient's state (family 068E fact 8d): clip(1 + (g - 1) + 2 (A - 0.1),
+#: 0.5, 2.0), g the effective gain, A the activation magnitude.
+SEVERITY_ACTIVATION_WEIGHT = 2.0
+SEVERITY_ACTIVATION_REFERENCE = 0.1
+SEVERITY_RANGE = (0.5, 2.0)
+
+
+def episode_severity(batch: PatientBatch, activation_weight: float = SEVERITY_ACTIVATION_WEIGHT,
+                     activation_reference: float = SEVERITY_ACTIVATION_REFERENCE,
+                     severity_range: tuple[float, float] = SEVERITY_RANGE) -> list[float]:
+    """Per patient ``clip(1 + (g - 1) + activation_weight (A - activation_reference), *severity_range)``.
+
+    ``g`` is the effective gain and ``A`` the activation magnitude in the current modulation
+    (family 068E fact 8d); the ``stress`` phase sizes its episode damage with it.
+    """
+    g = batch.effective_modulation().values("gain", len(batch))
+    a = batch.activation_magnitude()
+    lo, hi = severity_range
+    return [min(max(1.0 + (float(gi) - 1.0) + activation_weight * (float(ai) - activation_reference), lo), hi)
+            for gi, ai in zip(g, a)]
+
+
+@register_assessment("severity")
+def severity(batch: PatientBatch, noise: NoiseSource | None = None) -> list[Row]:
+    """The episode severity of every patient at the sheet's defaults (family 068E fact 8d: computed
+    every kindling cycle, whether or not the patient relapses)."""
+    return rows_for(batch, "severity", episode_severity(batch))
+
+
 @register_assessment("biased")
 def biased(batch: PatientBatch, noise: NoiseSource) -> list[Row]:
     """Accuracy under biased positive noise, the manic-switch proxy (fact 5)."""

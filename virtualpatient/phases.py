@@ -28,6 +28,10 @@ The phases, each found by its registered name:
     prune a further share of what remains (fact 11) and/or a period of noisy training.
 ``repeat``
     a block of phases N times; rows carry the cycle number.
+``scar``
+    a random lesion at the patient level that leaves a persistent scar (family 068E fact 3).
+``snapshot`` / ``dose``
+    keep the weights; later, dose metrics of the change since then (family 068A fact 7).
 ``probe``
     a block of phases on a copy of the patients: a side experiment that leaves their state as it
     was (the paper's follow-up and acute-relapse challenge both start from the post-acute state).
@@ -46,7 +50,7 @@ Examples
 --------
 >>> from virtualpatient.phases import build_phase
 >>> build_phase({"phase": "washout", "steps": 10, "test_every": 5})
-Washout(label='washout', when='always', steps=10, decay=None, test_every=5, threshold=None)
+Washout(label='washout', when='always', steps=10, decay=None, test_every=5, threshold=None, bias=None)
 >>> build_phase({"phase": "repeat", "times": 0, "phases": []})
 Traceback (most recent call last):
 ...
@@ -66,10 +70,19 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 from virtualpatient import plasticity
-from virtualpatient.assessments import ACUTE, ASSESSMENTS, OFF_MEDICATION, rows_for
+from virtualpatient.assessments import (
+    ACUTE,
+    ASSESSMENTS,
+    OFF_MEDICATION,
+    SEVERITY_ACTIVATION_REFERENCE,
+    SEVERITY_ACTIVATION_WEIGHT,
+    SEVERITY_RANGE,
+    episode_severity,
+    rows_for,
+)
 from virtualpatient.errors import VirtualPatientError
 from virtualpatient.limits import MAX_EPOCHS, MAX_LEVELS, MAX_LR, MAX_NOISE, MAX_STEPS
-from virtualpatient.network import Modulation, NoiseSource, NonFiniteError, Params
+from virtualpatient.network import BiasedNoise, Modulation, NoiseSource, NonFiniteError, Params
 from virtualpatient.stabiliser import washout_schedule
 
 if TYPE_CHECKING:
@@ -89,7 +102,10 @@ __all__ = [
     "Maintain",
     "Phase",
     "Probe",
+    "Dose",
     "Repeat",
+    "Scar",
+    "Snapshot",
     "Stress",
     "Train",
     "TrainingDivergedError",
@@ -123,6 +139,16 @@ SPINE_LABELS = ("baseline", "pruned")
 CONDITIONS = ("always", "relapsed", "remitted")
 
 PHASES: dict[str, type[Phase]] = {}
+
+#: Episode damage sized by state (family 068E fact 8e): share of live weights scarred =
+#: clip(0.05 x severity, 0.02, 0.20) (the 0.05 is the study file's ``live``; the severity is
+#: :func:`~virtualpatient.assessments.episode_severity`).
+EPISODE_SHARE_RANGE = (0.02, 0.20)
+
+#: Dose metrics (family 068A fact 7): an entry "turned over" when |post - pre| / max(|pre|, 1e-8)
+#: exceeds 0.1; a weight counts as zero below 1e-8.
+TURNOVER_THRESHOLD = 0.1
+DOSE_FLOOR = 1e-8
 
 #: Phases are frozen, validated, keyword-only dataclasses; floats refuse NaN and inf and every
 #: number has finite bounds (:mod:`virtualpatient.limits`), as every protocol number does.
@@ -168,6 +194,9 @@ class Group:
     memory: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     scar: list[torch.Tensor] | None = None
     arm: str | None = None
+    #: Named weight-matrix snapshots (``snapshot`` phase), per matrix ``[P, out, in]``; kept within
+    #: a unit of work (a regimen), not stored with the spine's state.
+    snapshots: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def start(cls, batch: PatientBatch, clock: float = 0.0) -> Group:
@@ -182,15 +211,16 @@ class Group:
         pos = list(positions)
         idx = torch.as_tensor(pos, dtype=torch.long)
         scar = None if self.scar is None else [s.index_select(0, idx.to(s.device)) for s in self.scar]
+        snaps = {k: [w.index_select(0, idx.to(w.device)) for w in v] for k, v in self.snapshots.items()}
         return Group(batch if batch is not None else self.batch.select(pos), [self.clock[i] for i in pos],
                      [self.keys[i] for i in pos], [dict(self.tags[i]) for i in pos],
                      [self.relapsed[i] for i in pos], {k: [v[i] for i in pos] for k, v in self.memory.items()},
-                     scar, self.arm)
+                     scar, self.arm, snaps)
 
     def clone(self) -> Group:
         return Group(self.batch.clone(), list(self.clock), list(self.keys), [dict(t) for t in self.tags],
                      list(self.relapsed), {k: list(v) for k, v in self.memory.items()},
-                     None if self.scar is None else [s.clone() for s in self.scar], self.arm)
+                     None if self.scar is None else [s.clone() for s in self.scar], self.arm, dict(self.snapshots))
 
     def suffix(self, i: int) -> str:
         """The stream suffix of row ``i``: ``/<value>`` per fork it went through (empty before any)."""
@@ -203,7 +233,15 @@ class Group:
     def add_scar(self, before: list[torch.Tensor]) -> None:
         """Scar every position that was alive in ``before`` (masks) and is pruned now."""
         new = [(b > 0) & (m == 0) for b, m in zip(before, self.batch.params.masks)]
+        self.add_scar_positions(new)
+
+    def add_scar_positions(self, new: list[torch.Tensor]) -> None:
+        """Scar the given positions (per matrix, bool ``[P, out, in]``): masked, weight 0, never regrown."""
         self.scar = new if self.scar is None else [s | n for s, n in zip(self.scar, new)]
+        with torch.no_grad():
+            for m, n in zip(self.batch.params.masks, new):
+                m[n] = 0.0
+        self.batch.params.apply_masks()
 
     def meta(self, i: int) -> dict[str, Any]:
         """Row ``i``'s schedule state as plain data (stored with the spine's unit)."""
@@ -286,6 +324,28 @@ class Context:
         for i, s in enumerate(group.batch.specs):
             if not group.keys[i] and s.index not in self.weights:
                 self.weights[s.index] = [w[i].detach().cpu() for w in group.batch.params.weights]
+
+
+def _per_cycle_values(v, lo: float, hi: float):
+    """Validate a number or a non-empty list of numbers (one per repeat cycle) within [lo, hi]."""
+    if v is None:
+        return v
+    values = v if isinstance(v, tuple) else (v,)
+    if not values:
+        raise ValueError("needs at least one value")
+    if any(not (lo <= x <= hi) for x in values):
+        raise ValueError(f"values must lie in [{lo}, {hi}]")
+    return v
+
+
+def at_cycle(value, ctx: Context, name: str):
+    """A phase parameter's value now: a number as is, a list's entry for the repeat's cycle (1-based)."""
+    if not isinstance(value, tuple):
+        return value
+    k = ctx.cycle
+    if not 1 <= k <= len(value):
+        raise ValueError(f"{name}: {len(value)} per-cycle values, but this is cycle {k} (lists need a repeat)")
+    return value[k - 1]
 
 
 # -- the phases -------------------------------------------------------------------------------
@@ -451,6 +511,15 @@ class Stress(Phase):
     cap = 0.99``, ``protocol.relapse``). ``layers = "lesion"`` are the matrices the lesion prunes.
     Then ``epochs`` of Adam at ``lr`` with internal noise ``noise_sigma`` (its stream
     ``<regimen>/stress``). With ``scar`` the newly pruned positions become scars.
+
+    ``live`` is the second relapse operator: each chosen matrix loses that share of its own *live*
+    weights, the weakest first (:func:`~virtualpatient.plasticity.prune_weakest`; family 068A
+    fact 6, ``live = 0.4``). With ``sized_by = "severity"`` the share is sized by each patient's
+    state (family 068E fact 8d-e): severity ``= clip(1 + (g - 1) + activation_weight (A -
+    activation_reference), *severity_range)`` from the effective gain ``g`` and the activation
+    magnitude ``A``, share ``= clip(live x severity, *share_range)``; a ``severity`` row per patient
+    is reported. ``min_count`` prunes at least that many live weights per matrix (068E: 1). With
+    ``scar`` and ``when = "relapsed"`` this is 068E's episode scar.
     """
 
     label: str = "stress"
@@ -461,11 +530,28 @@ class Stress(Phase):
     lr: float | None = Field(None, gt=0, le=MAX_LR)
     noise_sigma: float = Field(0.0, ge=0, le=MAX_NOISE)
     scar: bool = False
+    live: float = Field(0.0, ge=0, le=1)
+    min_count: int = Field(0, ge=0, le=MAX_STEPS)
+    sized_by: Literal["fixed", "severity"] = "fixed"
+    activation_weight: float = Field(SEVERITY_ACTIVATION_WEIGHT, ge=0, le=MAX_NOISE)
+    activation_reference: float = Field(SEVERITY_ACTIVATION_REFERENCE, ge=0, le=MAX_NOISE)
+    severity_range: tuple[float, float] = SEVERITY_RANGE
+    share_range: tuple[float, float] = EPISODE_SHARE_RANGE
 
     @model_validator(mode="after")
     def _check(self) -> Stress:
-        if self.further == 0 and self.epochs == 0:
-            raise ValueError("a stress phase needs further > 0 (pruning) or epochs > 0 (noisy training)")
+        if self.further == 0 and self.epochs == 0 and self.live == 0:
+            raise ValueError("a stress phase needs further or live > 0 (pruning) or epochs > 0 (noisy training)")
+        if self.further > 0 and self.live > 0:
+            raise ValueError("live: give further (a sparsity target) or live (a share of live weights), not both")
+        if self.sized_by == "severity" and self.live == 0:
+            raise ValueError("sized_by: 'severity' sizes live, which is 0")
+        for name in ("severity_range", "share_range"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"{name}: need 0 <= low <= high, got ({lo}, {hi})")
+        if self.share_range[1] > 1:
+            raise ValueError("share_range: the high end is a share, at most 1")
         if self.epochs > 0 and self.lr is None:
             raise ValueError("noisy training (epochs > 0) needs lr")
         return self
@@ -488,6 +574,17 @@ class Stress(Phase):
             plasticity.prune_per_layer(b.params, targets, layers=layers, exclude=group.scar)
             if self.scar:
                 group.add_scar(before)
+        rows: list[Row] = []
+        if self.live > 0:
+            shares = [self.live] * len(b)
+            if self.sized_by == "severity":
+                sev = self.severity(b)
+                shares = [min(max(self.live * x, self.share_range[0]), self.share_range[1]) for x in sev]
+                rows = ctx.emit(group, rows_for(b, "severity", sev), self.label)
+            new = plasticity.prune_weakest(b.params, shares, layers=_layers(ctx.protocol, self.layers),
+                                           exclude=group.scar, min_count=self.min_count)
+            if self.scar:
+                group.add_scar_positions(new)
         n = self.epochs
         if n:
             stream = ctx.stream("stress")
@@ -498,7 +595,11 @@ class Stress(Phase):
             finally:
                 b.modulation = mod
             group.clock = [c + n for c in group.clock]
-        return []
+        return rows
+
+    def severity(self, batch: PatientBatch) -> list[float]:
+        """Per patient ``clip(1 + (g - 1) + w (A - ref), *severity_range)`` (068E fact 8d)."""
+        return episode_severity(batch, self.activation_weight, self.activation_reference, self.severity_range)
 
 
 @register_phase("treat")
@@ -576,8 +677,12 @@ class Assess(Phase):
             b = b.with_modulation(DISCONTINUED.replace(protection=b.modulation.protection))
         noise = group.noise(ctx.stream(self.stream or self.label))
         rows: list[Row] = []
-        for name in self.tests:
-            rows += ASSESSMENTS[name](b, noise)
+        b.scar = group.scar  # read by the scar_fraction assessment
+        try:
+            for name in self.tests:
+                rows += ASSESSMENTS[name](b, noise)
+        finally:
+            del b.scar
         if self.drop_from is not None:
             key = f"{self.drop_from}|{self.drop_condition}"
             if key not in group.memory:
@@ -767,7 +872,11 @@ class Washout(Phase):
     at step 0, every ``test_every`` steps and at the last step, reported with the ``protection``;
     at the last step ``relapsed`` is 1 when the biased accuracy is below ``threshold`` (default
     ``protocol.longitudinal.relapse_threshold``, percent). The verdict is what ``when`` conditions
-    read.
+    read. ``steps = 0, decay = 0`` is a one-off trigger test with a verdict (068E fact 8c).
+
+    ``bias`` replaces the biased test's shift (default ``protocol.assessment.biased_shift``); a
+    list gives one value per cycle of the enclosing repeat, cycle k using the k-th (family 068E
+    fact 8: trigger bias 1.5, 1.3, ..., 0.5).
     """
 
     label: str = "washout"
@@ -775,6 +884,12 @@ class Washout(Phase):
     decay: float | None = Field(None, ge=0, le=1)
     test_every: int = Field(1, ge=1, le=MAX_STEPS)
     threshold: float | None = Field(None, ge=0, le=100)
+    bias: float | tuple[float, ...] | None = None
+
+    @field_validator("bias")
+    @classmethod
+    def _bias(cls, v):
+        return _per_cycle_values(v, -MAX_NOISE, MAX_NOISE)
 
     def stream_keys(self) -> tuple[str, ...]:
         return ("washout",)
@@ -792,13 +907,21 @@ class Washout(Phase):
         b = group.batch
         mod = b.modulation
         levels = washout_schedule(mod.protection, rate, steps)
+        shift = at_cycle(self.bias, ctx, "bias")
         noise = group.noise(ctx.stream("washout"))
         rows: list[Row] = []
         biased: list[Row] = []
         for step, p in enumerate(levels):
             if step % self.test_every and step != steps:
                 continue
-            biased = ASSESSMENTS["biased"](b.with_modulation(mod.replace(protection=p)), noise)
+            at = b.with_modulation(mod.replace(protection=p))
+            if shift is None:
+                biased = ASSESSMENTS["biased"](at, noise)
+            else:
+                cfg = ctx.protocol.assessment
+                acc = at.accuracy("standard", mod=at.modulation.replace(noise_sigma=0.0), noise=noise,
+                                  biased=BiasedNoise(cfg.biased_sigma, shift))
+                biased = rows_for(at, "accuracy", acc, "biased")
             rows += ctx.emit(group, biased, self.label, step=step)
             rows += ctx.emit(group, [dict(r, metric="protection", condition="", value=p) for r in biased],
                              self.label, step=step)
@@ -807,6 +930,103 @@ class Washout(Phase):
         group.relapsed = [r["value"] for r in verdict]
         b.modulation = mod.replace(protection=levels[-1])
         return rows
+
+
+@register_phase("scar")
+@_phase
+class Scar(Phase):
+    """A random lesion at the patient level that leaves a persistent scar (family 068E fact 3).
+
+    Each patient draws ``f ~ Uniform(0, max_share)`` (the first draw of its stream
+    ``<regimen>/<stream>``); in each weight matrix ``floor(f x entries)`` positions drawn uniformly
+    among the positions not yet scarred (``among = "all"``, the notebook's reading: most are
+    already pruned) or among the live ones (``among = "live"``, the text's "of the surviving
+    weights") become scars: mask 0, weight 0, never regrown, left out of pruning quantiles. The
+    draw ``f`` is reported as ``scar_draw``. ``share`` instead scars that fixed share.
+    """
+
+    label: str = "scar"
+    max_share: float | None = Field(None, gt=0, le=1)
+    share: float | None = Field(None, gt=0, le=1)
+    among: Literal["all", "live"] = "all"
+    stream: str = "scar"
+
+    @model_validator(mode="after")
+    def _one(self) -> Scar:
+        if (self.max_share is None) == (self.share is None):
+            raise ValueError("max_share: give max_share (a random share per patient) or share (a fixed one)")
+        return self
+
+    def stream_keys(self) -> tuple[str, ...]:
+        return (self.stream,)
+
+    def apply(self, group: Group, ctx: Context) -> list[Row]:
+        b = group.batch
+        stream = ctx.stream(self.stream)
+        gens = [spec.generator(stream + group.suffix(i)) for i, spec in enumerate(b.specs)]  # per row, as noise
+        draws = [float(torch.rand((), generator=g)) * self.max_share if self.share is None else self.share
+                 for g in gens]
+        new = []
+        for i, m in enumerate(b.params.masks):
+            layer = torch.zeros_like(m, dtype=torch.bool)
+            for p, (f, g) in enumerate(zip(draws, gens)):
+                free = torch.ones_like(m[p], dtype=torch.bool) if group.scar is None else ~group.scar[i][p]
+                if self.among == "live":
+                    free &= m[p] > 0
+                layer[p] = plasticity.random_positions(free, math.floor(f * m[p].numel()), g)
+            new.append(layer)
+        group.add_scar_positions(new)
+        return ctx.emit(group, rows_for(b, "scar_draw", draws), self.label)
+
+
+@register_phase("snapshot")
+@_phase
+class Snapshot(Phase):
+    """Keep a copy of the weight matrices under ``name``, for a later ``dose`` phase (family 068A fact 5).
+
+    A snapshot lives within a unit of work: take it in the regimen (or probe) that reads it.
+    """
+
+    label: str = "snapshot"
+    name: str = "pre"
+
+    def apply(self, group: Group, ctx: Context) -> list[Row]:
+        group.snapshots[self.name] = [w.detach().clone() for w in group.batch.params.weights]
+        return []
+
+
+@register_phase("dose")
+@_phase
+class Dose(Phase):
+    """Dose metrics of the weight change since the snapshot ``since`` (family 068A fact 7).
+
+    Over the weight matrices only (biases excluded), ``N`` entries in all, ``d = post - pre``:
+    ``dose_l1 = sum |d| / N``; ``dose_l2 = sqrt(sum d^2) / N`` (the Euclidean norm over N, not an
+    RMS); ``turnover`` = share of entries with ``|d| / max(|pre|, floor) > turnover_threshold``;
+    ``sparsity_change`` = ``|z(post) - z(pre)|`` with ``z`` the share of entries with
+    ``|w| < floor``. Shares are fractions (not percent), as the sheet prints them.
+    """
+
+    label: str = "dose"
+    since: str = "pre"
+    turnover_threshold: float = Field(TURNOVER_THRESHOLD, gt=0, le=MAX_NOISE)
+    floor: float = Field(DOSE_FLOOR, gt=0, le=1)
+
+    def apply(self, group: Group, ctx: Context) -> list[Row]:
+        if self.since not in group.snapshots:
+            raise ValueError(f"since: no snapshot {self.since!r} taken earlier in this regimen")
+        pre = group.snapshots[self.since]
+        post = [w.detach() for w in group.batch.params.weights]
+        n = sum(w[0].numel() for w in post)
+        l1 = sum((a - b).abs().flatten(1).double().sum(1) for a, b in zip(post, pre)) / n
+        l2 = torch.sqrt(sum(((a - b).double() ** 2).flatten(1).sum(1) for a, b in zip(post, pre))) / n
+        turn = sum(((a - b).abs() / b.abs().clamp_min(self.floor) > self.turnover_threshold).flatten(1).sum(1)
+                   for a, b in zip(post, pre)).double() / n
+        zeros = [sum((w.abs() < self.floor).flatten(1).sum(1) for w in ws).double() / n for ws in (post, pre)]
+        b = group.batch
+        rows = (rows_for(b, "dose_l1", l1) + rows_for(b, "dose_l2", l2) + rows_for(b, "turnover", turn)
+                + rows_for(b, "sparsity_change", (zeros[0] - zeros[1]).abs()))
+        return ctx.emit(group, rows, self.label)
 
 
 def _block(v: tuple) -> tuple:
@@ -1105,7 +1325,8 @@ def check_schedule(spine: Sequence[Phase], regimens: dict[str, Sequence[Phase]],
 
     Faults: a regimen without phases or with a name that cannot be a folder, a treat of an arm the
     study does not define, a washout with no earlier treat (its decay rate) and no ``decay``, a
-    conditional phase or ``drop_from`` with nothing earlier to read, a fork in the spine (the
+    conditional phase or ``drop_from`` with nothing earlier to read, a ``dose`` with no snapshot
+    earlier in its regimen, a fork in the spine (the
     spine's end state must be one per patient), a fork anywhere but at the end of a Python spine.
     """
     from virtualpatient.names import check_distinct, check_name
@@ -1131,14 +1352,16 @@ def check_schedule(spine: Sequence[Phase], regimens: dict[str, Sequence[Phase]],
             if p.label in SPINE_LABELS:
                 problems.append(f"{where}.label: {p.label!r} is reserved for the spine's rows")
     tracks = [("schedule", list(spine), None)] + [(f"regimens.{n}", list(r), n) for n, r in regimens.items()]
-    spine_state = _flow(spine, "schedule", arms, {"treated": False, "verdict": False, "labels": set()}, problems)
+    spine_state = _flow(spine, "schedule", arms, {"treated": False, "verdict": False, "labels": set(),
+                                                  "snapshots": set()}, problems)
     for where, phases, _ in tracks[1:]:
         if not phases:
             problems.append(f"{where}: a regimen needs at least one phase")
-        elif not any(isinstance(p, (Assess, Maintain, Washout)) or (isinstance(p, Discontinue) and p.steps)
+        elif not any(isinstance(p, (Assess, Maintain, Washout, Dose)) or (isinstance(p, Discontinue) and p.steps)
                      for p, _ in _walk(phases, where)):
-            problems.append(f"{where}: a regimen must measure something (an assess, maintain, washout or taper)")
-        _flow(phases, where, arms, dict(spine_state, labels=set(spine_state["labels"])), problems)
+            problems.append(f"{where}: a regimen must measure something (an assess, maintain, washout, taper or dose)")
+        # a snapshot lives within a unit of work: the spine's do not reach a regimen
+        _flow(phases, where, arms, dict(spine_state, labels=set(spine_state["labels"]), snapshots=set()), problems)
     for p, where in [w for t in tracks for w in _walk(t[1], t[0])]:
         if isinstance(p, Fork):
             problems.append(f"{where}: a fork may only end the top-level schedule")
@@ -1172,8 +1395,14 @@ def _flow(phases: Sequence[Phase], where: str, arms: dict, state: dict, problems
             if p.drop_from is not None and p.drop_from not in state["labels"]:
                 problems.append(f"{here}.drop_from: no assess labelled {p.drop_from!r} runs before it")
             state["labels"].add(p.label)
+        elif isinstance(p, Snapshot):
+            state["snapshots"].add(p.name)
+        elif isinstance(p, Dose):
+            if p.since not in state["snapshots"]:
+                problems.append(f"{here}.since: no snapshot named {p.since!r} is taken before it in this regimen")
         elif isinstance(p, Probe):
-            _flow(p.phases, f"{here}.phases", arms, dict(state, labels=set(state["labels"])), problems)
+            _flow(p.phases, f"{here}.phases", arms, dict(state, labels=set(state["labels"]),
+                                                          snapshots=set(state["snapshots"])), problems)
         elif isinstance(p, Repeat):
             state = _flow(p.phases, f"{here}.phases", arms, state, problems)
     return state

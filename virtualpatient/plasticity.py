@@ -34,6 +34,8 @@ __all__ = [
     "prune_global",
     "prune_per_layer",
     "quantile",
+    "prune_weakest",
+    "random_positions",
     "random_scores",
     "regrow",
 ]
@@ -168,12 +170,15 @@ def regrow(
     init_sd: float,
     generators: Sequence[torch.Generator],
     blocked: Sequence[torch.Tensor] | None = None,
+    min_count: int = 0,
 ) -> list[torch.Tensor]:
     """Reinstate the top-scored pruned positions of every layer with N(0, init_sd^2) values.
 
     In each layer a patient regrows ``floor(fraction * pruned count)`` of its pruned positions,
     those with the highest score; the mask is set to 1 there (fact 8). ``blocked`` (per layer, a
     bool ``[P, out, in]``: scars) are never regrown and do not count as pruned candidates.
+    ``min_count`` regrows at least that many per layer while candidates remain (the family
+    notebooks' gradient regrowth: at least 1; family README, 068E fact 5, Ch03 fact 7).
 
     Returns
     -------
@@ -192,7 +197,8 @@ def regrow(
                 pruned = m[p] == 0
                 if blocked is not None:
                     pruned &= ~blocked[layer][p]
-                k = int(frac * int(pruned.sum()))
+                n = int(pruned.sum())
+                k = min(n, max(min_count, int(frac * n)))
                 values = torch.randn(w.shape[1:], generator=g).to(w.device) * init_sd
                 if k == 0:
                     continue
@@ -203,3 +209,55 @@ def regrow(
                 m[p].view(-1)[top] = 1.0
             grown.append(new)
     return grown
+
+
+def prune_weakest(params: Params, shares: Sequence[float], layers: Sequence[int] | None = None,
+                  exclude: Sequence[torch.Tensor] | None = None, min_count: int = 0) -> list[torch.Tensor]:
+    """Prune a share of each layer's *live* weights, the weakest first (family 068A fact 6, 068E fact 8e).
+
+    Per patient and chosen layer: ``n`` live entries (mask 1, not in ``exclude``), ``k =
+    max(min_count, floor(share x n))`` at most ``n`` (the layer is skipped when ``k = 0``; 068A uses
+    ``min_count = 0``, 068E's episode scar 1), threshold = the k-th smallest ``|w|``
+    among them, and every live entry with ``|w|`` at or below it is pruned (ties may prune a few
+    more). Unlike :func:`prune_per_layer`, each layer loses a share of its *own* live weights, with
+    no overall target and no cap.
+
+    Returns
+    -------
+    list of Tensor
+        Per weight matrix, a bool ``[P, out, in]`` of the newly pruned positions.
+    """
+    if len(shares) != params.n_patients:
+        raise ValueError(f"share: need one per patient ({params.n_patients}), got {len(shares)}")
+    layers = range(len(params.weights)) if layers is None else layers
+    new = [torch.zeros_like(m, dtype=torch.bool) for m in params.masks]
+    with torch.no_grad():
+        for i in layers:
+            w, m = params.weights[i], params.masks[i]
+            for p, share in enumerate(shares):
+                if not 0.0 <= share <= 1.0:
+                    raise ValueError(f"share: must lie in [0, 1], got {share}")
+                live = m[p] > 0
+                if exclude is not None:
+                    live &= ~exclude[i][p]
+                n = int(live.sum())
+                k = min(n, max(min_count, math.floor(share * n)))
+                if k == 0:
+                    continue
+                mag = w[p].abs().double()
+                threshold = torch.kthvalue(mag[live], k).values
+                hit = live & (mag <= threshold)
+                new[i][p] = hit
+                m[p][hit] = 0.0
+    params.apply_masks()
+    return new
+
+
+def random_positions(free: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """A bool mask of ``k`` positions drawn uniformly without replacement among ``free`` (068E fact 3)."""
+    idx = free.flatten().nonzero().flatten()
+    k = min(k, idx.numel())
+    order = torch.randperm(idx.numel(), generator=generator)[:k].to(idx.device)
+    out = torch.zeros(free.numel(), dtype=torch.bool, device=free.device)
+    out[idx[order]] = True
+    return out.view_as(free)

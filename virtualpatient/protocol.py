@@ -162,16 +162,19 @@ class AssessmentConfig:
     ``combined_internal_sigma``; the resilience curve sweeps internal noise over ``resilience_sigmas``;
     the biased (manic) test adds ``biased_sigma * N(0, 1) + biased_shift`` after each activation.
     A state-dependent arm is also tested off medication at ``off_medication_sigmas`` (fact 12).
+    The ``input_noise`` test adds N(0, sd^2) to the inputs at each of ``input_noise_sds``, no
+    internal noise (family Ch02 fact 6: 1.0 and 2.0).
     """
 
     combined_input_sd: float = Field(1.0, ge=0, le=MAX_NOISE)
     combined_internal_sigma: float = Field(0.5, ge=0, le=MAX_NOISE)
     resilience_sigmas: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.5)
     off_medication_sigmas: tuple[float, ...] = (2.5,)
+    input_noise_sds: tuple[float, ...] = (1.0, 2.0)
     biased_sigma: float = Field(1.0, ge=0, le=MAX_NOISE)
     biased_shift: float = Field(1.0, ge=-MAX_NOISE, le=MAX_NOISE)
 
-    @field_validator("resilience_sigmas", "off_medication_sigmas")
+    @field_validator("resilience_sigmas", "off_medication_sigmas", "input_noise_sds")
     @classmethod
     def _sigmas(cls, v: tuple[float, ...]) -> tuple[float, ...]:
         if not v or any(s < 0 for s in v):

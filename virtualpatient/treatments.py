@@ -133,7 +133,8 @@ class KetamineLike(Treatment):
     ``floor(regrow_fraction x pruned)`` are reinstated with N(0, ``regrow_sd``^2) values; the mask
     is locked and ``epochs`` of Adam at ``lr`` follow (Methods; fact 8). ``score = "random"`` is the
     random-regrowth control. A patient's ``regrowth_fraction`` covariate overrides
-    ``regrow_fraction`` (plasticity reserve).
+    ``regrow_fraction`` (plasticity reserve). ``regrow_min`` regrows at least that many positions
+    per layer while any is pruned (the family notebooks' gradient regrowth: 1; the paper's: 0).
 
     Examples
     --------
@@ -145,6 +146,7 @@ class KetamineLike(Treatment):
     gain: float = Field(1.25, gt=0, le=MAX_GAIN)
     regrow_fraction: float = Field(0.5, ge=0, le=1)
     regrow_sd: float = Field(0.03, ge=0, le=MAX_NOISE)
+    regrow_min: int = Field(0, ge=0, le=MAX_STEPS)
     score_batches: int = Field(30, ge=1, le=MAX_STEPS)
     score: Literal["gradient", "random"] = "gradient"
     score_at_unit_gain: bool = True
@@ -167,7 +169,7 @@ class KetamineLike(Treatment):
         fractions = [f if not math.isnan(f) else self.regrow_fraction for f in batch.covariate("regrowth_fraction")]
         # a schedule's scars (virtualpatient.phases) are never regrown
         plasticity.regrow(batch.params, scores, fractions, self.regrow_sd, batch.generators(f"{arm}/regrow"),
-                          blocked=getattr(batch, "scar", None))
+                          blocked=getattr(batch, "scar", None), min_count=self.regrow_min)
         batch.train(self.epochs, self.lr, f"{arm}/train", on_epoch=on_epoch)
 
     def interpretations(self) -> dict[str, Any]:
