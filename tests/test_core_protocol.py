@@ -151,3 +151,15 @@ def test_interpretations_report_the_text_readings():
     assert interp["task.train_sd"] == 0.8
     assert interp["pruning.layers"] == "all"
     assert interp["arms.ketamine.score_at_unit_gain"] is True
+
+
+def test_default_protocol_keeps_the_hash_older_run_folders_have():
+    """Fields added since run folders were first written (schedules, state covariates, input-noise
+    levels, regrow_min) leave the paper's protocol hash as it was at 4a63a13 while at their defaults,
+    so those folders still resume; setting one changes the hash."""
+    from virtualpatient import Protocol
+
+    assert Protocol().hash() == "52b9e5ead150e750"
+    assert Protocol.from_dict({"assessment": {"input_noise_sds": [1.0]}}).hash() != "52b9e5ead150e750"
+    assert Protocol.from_dict({"arms": {"ketamine": {"regrow_min": 1}, "ssri": {}, "neurosteroid": {}}}).hash() \
+        != "52b9e5ead150e750"

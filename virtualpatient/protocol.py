@@ -235,6 +235,12 @@ class LongitudinalConfig:
         return v
 
 
+#: Fields added since run folders were first written, which :meth:`Protocol.to_dict` leaves out while
+#: at their default (``("arms", key)``: a parameter of any arm). A new field whose default changes
+#: nothing belongs here, so that existing run folders keep their protocol hash.
+LATER_FIELDS: tuple[tuple[str, str], ...] = (("assessment", "input_noise_sds"), ("arms", "regrow_min"))
+
+
 def _default_arms() -> dict[str, Any]:
     from virtualpatient.treatments import default_arms
 
@@ -363,11 +369,18 @@ class Protocol:
                 out[f.name] = _plain(dataclasses.asdict(value))
             else:
                 out[f.name] = value
-        # Unset state covariates are left out, so a protocol that sets none hashes as before they existed
-        # (run folders made then still resume).
+        # Fields added after run folders were first written are left out while at their default, so a
+        # protocol that does not use them hashes as before they existed (run folders made then resume).
         for name in STATE_COVARIATES:
             if out["cohort"].get(name) is None:
                 out["cohort"].pop(name, None)
+        for section, key in LATER_FIELDS:
+            owners = self.arms.items() if section == "arms" else [(None, getattr(self, section))]
+            for arm, owner in owners:
+                table = out["arms"][arm] if arm is not None else out[section]
+                field = type(owner).__pydantic_fields__.get(key)
+                if field is not None and key in table and _plain(table[key]) == _plain(field.default):
+                    del table[key]
         out.update(self._schedule_dict())
         out["interpretations"] = self.interpretations
         return out
