@@ -100,8 +100,23 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"virtualpatient: warning: {message}", file=sys.stderr)
 
 
+def _import_torch() -> None:
+    """Import torch with SIGINT and SIGTERM held back. A signal that lands inside torch's native
+    initialisation can abort the process (seen: SIGABRT, exit -6); held, it is delivered right
+    after the import as an ordinary interruption, which ends in one line."""
+    if threading.current_thread() is not threading.main_thread():
+        import torch  # noqa: F401
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        import torch  # noqa: F401
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def _plan(args: argparse.Namespace):
     """The study file (or the paper's protocol) with the command line's overrides, validated."""
+    _import_torch()
     from virtualpatient.protocol import Protocol
     from virtualpatient.sweeps import Plan, load_plan
 

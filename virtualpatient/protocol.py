@@ -356,8 +356,13 @@ class Protocol:
         """Return a copy with top-level fields replaced (validated again)."""
         return Protocol(**{**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, **changes})
 
-    def to_dict(self) -> dict[str, Any]:
-        """The resolved protocol as plain JSON-able data (arms with their full parameters)."""
+    def to_dict(self, *, complete: bool = False) -> dict[str, Any]:
+        """The resolved protocol as plain JSON-able data (arms with their full parameters).
+
+        Fields added since run folders were first written are left out while at their default (so
+        the hash of an older study is unchanged); ``complete=True`` keeps every field, e.g. to list
+        what a sweep may vary.
+        """
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -371,10 +376,10 @@ class Protocol:
                 out[f.name] = value
         # Fields added after run folders were first written are left out while at their default, so a
         # protocol that does not use them hashes as before they existed (run folders made then resume).
-        for name in STATE_COVARIATES:
+        for name in STATE_COVARIATES if not complete else ():
             if out["cohort"].get(name) is None:
                 out["cohort"].pop(name, None)
-        for section, key in LATER_FIELDS:
+        for section, key in LATER_FIELDS if not complete else ():
             owners = self.arms.items() if section == "arms" else [(None, getattr(self, section))]
             for arm, owner in owners:
                 table = out["arms"][arm] if arm is not None else out[section]

@@ -215,7 +215,7 @@ def expand(protocol: Protocol, spec: SweepSpec, source: str = "study",
     if max_levels is not None and n > max_levels:
         raise ProtocolError(f"{source}: sweep: {n} levels x cohorts, more than {max_levels}; "
                             "narrow it, or pass --yes to run them all")
-    base = protocol.to_dict()
+    base = protocol.to_dict(complete=True)
     base.pop("interpretations", None)
     levels = []
     for values in settings:
