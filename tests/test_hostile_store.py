@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_bad_input import TINY as BAD_INPUT_TINY
 
 from analysis.report import ReportError, write_report
 from analysis.synthetic import make_results, write_run
@@ -26,36 +27,8 @@ from virtualpatient import ClinicalTrial, load_study
 from virtualpatient.cli import main
 from virtualpatient.store import FORMAT, RunStore, RunStoreError, _digest
 
-TINY = """
-name = "tiny_hostile"
-seed = 7
-n_patients = 1
-
-[network]
-layer_sizes = [2, 16, 16, 8, 4]
-
-[task]
-n_train = 256
-n_standard = 128
-n_clean = 32
-
-[baseline]
-epochs = 2
-
-[longitudinal]
-durations = [1, 2]
-washout_steps = 3
-
-[arms.ketamine]
-epochs = 2
-score_batches = 2
-
-[arms.ssri]
-epochs = 2
-
-[arms.neurosteroid]
-epochs = 2
-"""
+#: The bad-input tests' tiny study under its own name and seed.
+TINY = BAD_INPUT_TINY.replace('name = "tiny_bad_input"', 'name = "tiny_hostile"').replace("seed = 4", "seed = 7", 1)
 
 
 @pytest.fixture(scope="module")
