@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import start_group as _group
 
 from virtualpatient.network import BiasedNoise, Modulation
 from virtualpatient.phases import (
@@ -30,13 +31,6 @@ from virtualpatient.phases import (
     build_phase,
     run_schedule,
 )
-
-
-def _group(make_patients, protocol, n=2, prune=True) -> Group:
-    batch = make_patients(protocol, indices=tuple(range(n)))
-    if prune:
-        batch.prune()
-    return Group.start(batch)
 
 
 def _live(group, layer, p):

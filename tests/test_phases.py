@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import start_group as _group
 
 from virtualpatient import ClinicalTrial
 from virtualpatient.network import Modulation
@@ -18,7 +19,6 @@ from virtualpatient.phases import (
     Assess,
     Context,
     Discontinue,
-    Group,
     Lesion,
     Maintain,
     Probe,
@@ -29,13 +29,6 @@ from virtualpatient.phases import (
     Washout,
     run_schedule,
 )
-
-
-def _group(make_patients, protocol, n=2, prune=True) -> Group:
-    batch = make_patients(protocol, indices=tuple(range(n)))
-    if prune:
-        batch.prune()
-    return Group.start(batch)
 
 
 def test_taper_moves_gain_damping_and_noise_linearly_to_off(make_protocol, make_patients):
