@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from virtualpatient import ClinicalTrial
@@ -145,10 +146,13 @@ def test_dose_sweeps_level():
     """068A in tiny form, one level: every arm reports the four dose metrics; the neurosteroid-like
     course changes no mask (sparsity change 0) while ketamine-like regrowth's sparsity change is the
     regrown share (pruned minus acute sparsity) and its turnover at least that; the sweep relapse
-    removes 40 % of the live weights (sparsity s + 0.4 (1 - s))."""
+    removes 40 % of the live weights (sparsity s + 0.4 (1 - s)). Each level runs only its swept arm."""
     arms = {"ketamine": {"gain": 1.0, "epochs": 1, "score_batches": 2},
             "ssri": {"gain_end": 1.0, "lr": 1e-5, "epochs": 3}, "neurosteroid": {"gain": 1.0, "epochs": 2}}
-    [(level, df)] = _level_run("dose_sweeps", lambda lv: [lv[0]], arms=arms)
+    runs = _level_run("dose_sweeps", lambda lv: [lv[0], lv[11], lv[22]], arms=arms)
+    # regimens = "swept": each level runs its own arm only (ketamine, ssri, neurosteroid levels)
+    assert [sorted(set(df.arm) - {"untreated"}) for _, df in runs] == [["ketamine"], ["ssri"], ["neurosteroid"]]
+    df = pd.concat([runs[0][1]] + [d[d.arm != "untreated"] for _, d in runs[1:]], ignore_index=True)
     dose = df[df.phase == "dose"]
     assert set(dose.metric) == {"dose_l1", "dose_l2", "turnover", "sparsity_change"}
     assert (dose.groupby("arm").size() == 4 * 2).all()

@@ -198,3 +198,22 @@ def test_shipped_sweep_studies_load_and_expand(name, n_levels, columns):
         assert [lv.values["pruning.fraction"] for lv in levels][::19] == [0.8, 0.99]
     if name == "replication":
         assert [lv.cohort for lv in levels] == [0, 1, 2, 3, 4] and levels[0].protocol.seed == plan.protocol.seed
+
+
+def test_swept_regimens_run_only_the_swept_arm_with_the_same_rows():
+    """regimens = "swept": a level that sets an arm's field runs only the regimens treating with that
+    arm (plus the spine), and their rows equal those of the same level run with every regimen, bit for
+    bit (each regimen draws its own streams); a level of a non-arm field keeps every regimen."""
+    p = Protocol.from_dict(tomllib.loads(TINY))
+    fields = {"arms.ssri.gain_end": [1.3]}
+    swept = expand(p, SweepSpec(fields=fields, mode="each", regimens="swept"))[0].protocol
+    full = expand(p, SweepSpec(fields=fields, mode="each"))[0].protocol
+    assert list(swept.regimens) == ["ssri"] and swept.arms["ssri"].gain_end == 1.3
+    rows_swept = ClinicalTrial(swept, progress=False).run()
+    rows_full = ClinicalTrial(full, progress=False).run()
+    assert set(rows_swept.arm) == {"untreated", "ssri"} and {"ketamine", "neurosteroid"} <= set(rows_full.arm)
+    keep = rows_full.arm.isin(["untreated", "ssri"])
+    pd.testing.assert_frame_equal(rows_swept.reset_index(drop=True), rows_full[keep].reset_index(drop=True),
+                                  check_exact=True)
+    other = expand(p, SweepSpec(fields={"pruning.fraction": [0.9]}, regimens="swept"))[0].protocol
+    assert other.regimens is None or set(other.regimens) == set(p.arms)

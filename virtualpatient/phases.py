@@ -111,6 +111,7 @@ __all__ = [
     "TrainingDivergedError",
     "Treat",
     "Washout",
+    "arms_used",
     "build_phase",
     "build_schedule",
     "check_schedule",
@@ -1437,6 +1438,15 @@ def paper_regimen(protocol, arm: str) -> tuple[Phase, ...]:
         Assess(label="acute_relapse", tests=("sparsity", "combined"), stream="relapse", drop_from="acute"),
     )))
     return tuple(out)
+
+
+def arms_used(phases: Sequence[Phase]) -> set[str]:
+    """The arms whose courses ``phases`` give (the ``arm`` of every treat, nested ones included).
+
+    >>> sorted(arms_used([Treat(arm="ssri"), Repeat(times=2, phases=(Treat(arm="ketamine"),))]))
+    ['ketamine', 'ssri']
+    """
+    return {p.arm for p, _ in _walk(phases, "") if isinstance(p, Treat)}
 
 
 def resolve(protocol) -> tuple[tuple[Phase, ...], dict[str, tuple[Phase, ...]]]:

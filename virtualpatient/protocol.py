@@ -52,7 +52,7 @@ from virtualpatient.limits import (
     MAX_STUDY_BYTES,
 )
 from virtualpatient.names import check_distinct, check_name
-from virtualpatient.schema import PAPER_PHASES, UNTREATED
+from virtualpatient.schema import PAPER_PHASES, PUBLISHED_SHEETS, UNTREATED
 
 __all__ = [
     "AssessmentConfig",
@@ -272,6 +272,10 @@ class Protocol:
     regimens
         Regimen name -> its phases (``[[regimens.NAME]]``); each runs on its own copy of the
         spine's patients and names the results' ``arm``. ``None``: the paper's course for every arm.
+    compare_with
+        A family sheet with published numbers (:data:`~virtualpatient.schema.PUBLISHED_SHEETS`,
+        e.g. ``"068C"``) that the report puts beside this study's (``analysis.family``). It changes
+        no number, so it is not part of :meth:`hash`.
 
     Examples
     --------
@@ -296,6 +300,7 @@ class Protocol:
     device: Literal["cpu", "cuda"] = "cpu"
     schedule: tuple[Any, ...] | None = None
     regimens: dict[str, tuple[Any, ...]] | None = None
+    compare_with: Literal[PUBLISHED_SHEETS] | None = None  # type: ignore[valid-type]
 
     @field_validator("schedule", mode="before")
     @classmethod
@@ -370,6 +375,9 @@ class Protocol:
                 out["arms"] = {name: t.to_dict() for name, t in value.items()}
             elif f.name in ("schedule", "regimens"):
                 continue
+            elif f.name == "compare_with":
+                if value is not None:  # absent when unset: older studies keep their saved protocol
+                    out[f.name] = value
             elif dataclasses.is_dataclass(value):
                 out[f.name] = _plain(dataclasses.asdict(value))
             else:
@@ -420,6 +428,7 @@ class Protocol:
         data = self.to_dict()
         data.pop("device")
         data.pop("n_patients")
+        data.pop("compare_with", None)
         blob = json.dumps(data, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

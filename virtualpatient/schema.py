@@ -14,7 +14,7 @@ True
 
 from __future__ import annotations
 
-__all__ = ["COLUMNS", "PAPER_PHASES", "SCHEDULE_COLUMNS", "UNTREATED"]
+__all__ = ["COLUMNS", "PAPER_PHASES", "PUBLISHED_SHEETS", "SCHEDULE_COLUMNS", "UNTREATED"]
 
 #: The columns of every results table, in order (covariate and sweep columns follow them).
 COLUMNS = ["patient", "arm", "phase", "metric", "condition", "noise_sigma", "maintenance_epochs", "step", "value"]
@@ -29,3 +29,7 @@ UNTREATED = "untreated"
 
 #: The phases the paper's schedule tags its rows with.
 PAPER_PHASES = ("baseline", "pruned", "acute", "maintenance", "washout", "off_medication", "acute_relapse")
+
+#: The family sheets (``../shared/family``) whose published numbers ``analysis.family`` carries, the
+#: values of a study's ``compare_with``.
+PUBLISHED_SHEETS = ("068A", "068C", "068E")

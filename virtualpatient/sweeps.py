@@ -81,12 +81,19 @@ class SweepSpec:
         ``"fresh"``: each level its own derived seed.
     cohorts
         Independent cohorts of every level (replication); seeds derived from the study seed.
+    regimens
+        ``"all"`` (default): every level runs every regimen. ``"swept"``: a level that changes only
+        fields of named arms (``arms.X.FIELD``, no wildcard) runs only the regimens that treat with
+        those arms; the others would repeat the study's own numbers at every level (068A's
+        per-arm dose sweeps, ``mode = "each"``). Each regimen draws its own random streams, so its
+        rows are the same either way.
     """
 
     fields: dict[str, Any] = pydantic.Field(default_factory=dict)
     mode: Literal["grid", "zip", "each"] = "grid"
     baseline: Literal["shared", "fresh"] = "shared"
     cohorts: int = Field(1, ge=1, le=MAX_PATIENTS)
+    regimens: Literal["all", "swept"] = "all"
 
     @field_validator("fields")
     @classmethod
@@ -227,10 +234,27 @@ def expand(protocol: Protocol, spec: SweepSpec, source: str = "study",
             salt = json.dumps(values, sort_keys=True) if spec.baseline == "fresh" else ""
             data_c = dict(data, seed=cohort_seed(protocol.seed, cohort, salt))
             level_protocol = Protocol.from_dict(data_c, source=f"{source}: sweep level {label}")
+            if spec.regimens == "swept":
+                level_protocol = _swept_regimens(level_protocol, values, f"{source}: sweep level {label}")
             digest = hashlib.sha256(json.dumps([values, cohort, spec.baseline], sort_keys=True,
                                                default=str).encode()).hexdigest()[:12]
             levels.append(Level(f"L{digest}", dict(values), cohort, level_protocol))
     return levels
+
+
+def _swept_regimens(protocol: Protocol, values: dict[str, Any], source: str) -> Protocol:
+    """``protocol`` with only the regimens that treat with an arm whose fields ``values`` set."""
+    from virtualpatient.phases import arms_used, resolve
+
+    keys = [path.split(".") for path in values]
+    if not keys or not all(k[0] == "arms" and k[1] != "*" for k in keys):
+        return protocol  # a level that changes more than named arms' fields runs everything
+    swept = {k[1] for k in keys}
+    spine, regimens = resolve(protocol)
+    kept = {name: phases for name, phases in regimens.items() if arms_used(phases) & swept}
+    if not kept:
+        raise ProtocolError(f"{source}: sweep.regimens = 'swept': no regimen treats with {', '.join(sorted(swept))}")
+    return protocol.replace(schedule=spine, regimens=kept)
 
 
 def load_plan(path: str | Path, **overrides: Any) -> Plan:
