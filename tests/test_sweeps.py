@@ -217,3 +217,27 @@ def test_swept_regimens_run_only_the_swept_arm_with_the_same_rows():
                                   check_exact=True)
     other = expand(p, SweepSpec(fields={"pruning.fraction": [0.9]}, regimens="swept"))[0].protocol
     assert other.regimens is None or set(other.regimens) == set(p.arms)
+
+
+def test_levels_that_share_a_spine_train_it_once(tmp_path, monkeypatch):
+    """A sweep of arm fields (shared baseline) trains the spine at the first level only; the later
+    levels adopt its units and still equal separate runs of their settings bit for bit. A lesion
+    sweep changes the spine, so every level trains its own."""
+    text = TINY + '\n[sweep]\n[sweep.fields]\n"arms.ssri.gain_end" = [1.3, 1.5]\n'
+    study = _study(tmp_path, text)
+    calls = []
+    real = trial.run_baseline
+    monkeypatch.setattr(trial, "run_baseline", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = run_sweep(load_plan(study), tmp_path / "run", progress=False)
+    n_chunks = len(calls)
+    assert n_chunks >= 1
+    for level in load_plan(study).levels():
+        mine = results[results["arms.ssri.gain_end"] == level.values["arms.ssri.gain_end"]]
+        mine = mine.drop(columns=["arms.ssri.gain_end", "cohort"]).reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, ClinicalTrial(level.protocol, progress=False).run(), check_exact=True)
+    # the separate runs above trained the spine once each; the sweep itself only for its first level
+    assert len(calls) == 3 * n_chunks
+    from virtualpatient.sweeps import spine_key
+    p = Protocol.from_dict(tomllib.loads(TINY))
+    lesions = expand(p, SweepSpec(fields={"pruning.fraction": [0.9, 0.95]}))
+    assert spine_key(lesions[0].protocol) != spine_key(lesions[1].protocol)

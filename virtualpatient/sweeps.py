@@ -257,6 +257,36 @@ def _swept_regimens(protocol: Protocol, values: dict[str, Any], source: str) -> 
     return protocol.replace(schedule=spine, regimens=kept)
 
 
+def spine_key(protocol: Protocol) -> str:
+    """A hash of everything a protocol's spine computes from: the protocol without its regimens and
+    without the arms the spine never treats with. Two levels with equal keys have equal spines
+    (baseline training, lesion, untreated rows), so a sweep of arm fields trains them once."""
+    from virtualpatient.phases import arms_used, resolve
+
+    spine, _ = resolve(protocol)
+    used = arms_used(spine)
+    data = protocol.to_dict(complete=True)
+    for key in ("regimens", "interpretations", "n_patients", "device", "compare_with"):
+        data.pop(key, None)
+    data["arms"] = {name: arm for name, arm in data["arms"].items() if name in used}
+    data["spine"] = [p.to_dict() for p in spine]
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _adopt_spines(source: Path, target: Path, protocol: Protocol) -> None:
+    """Copy the finished spine units of ``source`` (a level with the same :func:`spine_key`) that
+    ``target`` lacks, through the store's checks, so the level does not train them again."""
+    from virtualpatient.store import RunStore
+
+    origin = RunStore(source)
+    with RunStore(target).session(protocol) as store:
+        for patient in range(protocol.n_patients):
+            if origin.has("baseline", patient) and not store.has("baseline", patient):
+                unit = origin.load_unit("baseline", patient)
+                store.save_weights("untreated", patient, unit["state"]["weights"])
+                store.save_unit("baseline", patient, unit)
+
+
 def load_plan(path: str | Path, **overrides: Any) -> Plan:
     """Read a study file that may hold a ``[sweep]`` table; validate the protocol and every level.
 
@@ -314,6 +344,7 @@ def run_sweep(plan: Plan, out: str | Path | None = None, *, executor=None, patie
     paths = list(plan.sweep.fields) if plan.sweep is not None else []
     store = RunStore(out)
     frames = []
+    spines: dict[str, Path] = {}  # spine key -> a level folder that holds those spines
     with store.session(plan.protocol):
         bar = tqdm(levels, desc="levels", unit="level", disable=not progress or len(levels) < 2, dynamic_ncols=True)
         for level in bar:
@@ -321,7 +352,12 @@ def run_sweep(plan: Plan, out: str | Path | None = None, *, executor=None, patie
             folder = None if store.path is None else inside(store.path, "levels", level.name)
             trial = ClinicalTrial(level.protocol, executor=executor, patients_per_unit=patients_per_unit,
                                   progress=progress and len(levels) < 2)
+            key = spine_key(level.protocol)
+            if folder is not None and key in spines:
+                _adopt_spines(spines[key], folder, level.protocol)
             frame = trial.run(out=folder)
+            if folder is not None:
+                spines.setdefault(key, folder)
             for p in paths:
                 frame[p] = level.values.get(p, math.nan)
             frame["cohort"] = level.cohort
