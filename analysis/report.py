@@ -822,7 +822,10 @@ def _sheet_section(run: RunData, df: pd.DataFrame, out_dir: Path) -> list[_Block
                                f"(it knows {', '.join(SHEETS) or 'none'}).")]
     sheet = SHEETS[sheet_id]
     first = df[df["cohort"] == df["cohort"].min()] if "cohort" in df else df
-    cmp, found = compare_published(first, sheet), decide_findings(first, sheet)
+    try:
+        cmp, found = compare_published(first, sheet), decide_findings(first, sheet)
+    except ValueError as exc:  # rows the sheet's readers cannot take; the rest of the report still helps
+        return [_Block("h2", f"Published numbers of sheet {sheet_id}"), _Block("note", f"Not computed: {exc}")]
     counts, verdicts = cmp.frame["verdict"].value_counts(), found.frame["verdict"].value_counts()
     blocks = [
         _Block("h2", f"Published numbers of sheet {sheet.id}"),
@@ -849,6 +852,7 @@ def _sheet_section(run: RunData, df: pd.DataFrame, out_dir: Path) -> list[_Block
 def _kindling_blocks(df: pd.DataFrame, protocol: dict, out_dir: Path) -> list[_Block]:
     """Sheet 068E's kindling summary per arm and cycle (fact 10) and its figure."""
     from analysis.family.scarring import kindling_summary, plot_kindling
+    from analysis.figures import save_figure
 
     blocks = [_Block("h3", "Kindling per arm and cycle (sheet 068E, fact 10)")]
     try:
@@ -868,15 +872,10 @@ def _kindling_blocks(df: pd.DataFrame, protocol: dict, out_dir: Path) -> list[_B
                       fmt_num(r["severity"], 2), fmt_num(r["activation_magnitude"], 3)]
                      for _, r in summary.frame.iterrows()]),
     ]
-    fig = plot_kindling(summary)
-    png = out_dir / "kindling.png"
-    fig.savefig(png, dpi=110, bbox_inches="tight")
-    fig.savefig(png.with_suffix(".svg"), bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    blocks.append(_Block("figure", "Kindling per cycle and arm: the trigger's biased accuracy and the scar % after "
-                                   "the episode, mean ± population SD over patients.", image=png, name="kindling"))
+    png, _ = save_figure(plot_kindling(summary), out_dir, "kindling")
+    caption = ("Kindling per cycle and arm: the trigger's biased accuracy and the scar % after the episode, "
+               "mean ± population SD over patients; dashed: the relapse threshold (60 %).")
+    blocks.append(_Block("figure", caption, image=png, name="kindling"))
     return blocks
 
 

@@ -327,7 +327,7 @@ def test_report_of_the_tiny_chronic_run(chronic_run):
 def test_kindling_summary_counts_the_rows(scarring_run):
     """The 068E kindling table counts, per arm and cycle, exactly the trigger verdicts of the rows
     (patients and relapses), takes the bias of each cycle from the saved protocol (the sheet's
-    1.5 -> 0.5), and the report shows it with its figure."""
+    1.5 -> 0.5), and the report shows it with its figure, rebuilt byte for byte."""
     run = load_run(scarring_run)
     frame = kindling_summary(run.results, run.protocol).frame.set_index(["arm", "cycle"])
     verdicts = run.results[(run.results.label == "kindling/trigger") & (run.results.metric == "relapsed")]
@@ -339,6 +339,9 @@ def test_kindling_summary_counts_the_rows(scarring_run):
     assert frame.loc["ssri", "bias"].tolist() == pytest.approx(list(KINDLING_BIAS))
     text = write_report(scarring_run, n_resamples=99).read_text()
     assert "### Kindling per arm and cycle" in text and "## Findings of sheet 068E" in text
+    figure = (scarring_run / "figures" / "kindling.svg").read_bytes()
+    assert write_report(scarring_run, n_resamples=99).read_text() == text
+    assert (scarring_run / "figures" / "kindling.svg").read_bytes() == figure
     assert (scarring_run / "figures" / "kindling.png").is_file()
 
 

@@ -427,28 +427,34 @@ def kindling_summary(results: pd.DataFrame, protocol: Mapping | None = None) -> 
 
 
 def plot_kindling(summary: KindlingSummary, arms: Sequence[str] | None = None):
-    """Figure of the kindling block: biased accuracy of the trigger and scar % after the event per
-    cycle, one line per arm (mean ± population SD over patients). Returns the matplotlib Figure."""
-    import matplotlib
+    """Figure of the kindling block: the trigger's biased accuracy and the scar % after the event per
+    cycle, one line per arm (mean ± population SD over patients), in the report's arm styles; the
+    dashed line is the relapse threshold (60 %).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Returns a :class:`matplotlib.figure.Figure` (no pyplot state); save it with
+    :func:`analysis.figures.save_figure` for reproducible files.
+    """
+    from matplotlib.figure import Figure
+
+    from analysis.figures import arm_style
 
     if not isinstance(summary, KindlingSummary):
         raise TypeError(f"summary must be a KindlingSummary, got {type(summary).__name__}")
     frame = summary.frame
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for arm in arms or list(dict.fromkeys(frame["arm"])):
+    fig = Figure(figsize=(9, 3.6), dpi=100, layout="constrained")
+    axes = fig.subplots(1, 2)
+    names = list(arms or dict.fromkeys(frame["arm"]))
+    for arm in names:
         g = frame[frame["arm"] == arm]
         for ax, col in zip(axes, ("biased_accuracy", "scar_after"), strict=True):
-            ax.errorbar(g["cycle"], g[col], yerr=g[f"{col}_sd"], marker="o", capsize=3, label=display_name(arm))
+            ax.errorbar(g["cycle"], g[col], yerr=g[f"{col}_sd"], capsize=3, label=display_name(arm),
+                        **arm_style(arm, names))
     axes[0].axhline(RELAPSE_BELOW, color="grey", lw=0.8, ls="--")
-    axes[0].set_ylabel(f"trigger biased accuracy (%; relapse below {RELAPSE_BELOW:g})")
+    axes[0].set_ylabel("trigger biased accuracy (%)")
     axes[1].set_ylabel("scar % after the event")
     ticks = frame.drop_duplicates("cycle").sort_values("cycle")
     for ax in axes:
         ax.set_xticks(ticks["cycle"], [f"{int(c)}\n{fmt_num(b, 1)}" for c, b in zip(ticks["cycle"], ticks["bias"])])
         ax.set_xlabel("kindling cycle / trigger bias")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
     return fig
