@@ -266,7 +266,8 @@ def _to_html(blocks: list[_Block], title: str) -> str:
             for r in b.rows:
                 cells = []
                 for c in r:
-                    cls = {"reproduced": "reproduced", "not reproduced": "not-reproduced"}.get(c)
+                    cls = {"reproduced": "reproduced", "holds": "reproduced", "not reproduced": "not-reproduced",
+                           "does not hold": "not-reproduced", "differs": "not-reproduced"}.get(c)
                     attr = f' class="{cls}"' if cls else ""
                     cells.append(f"<td{attr}>{e(c)}</td>")
                 rows.append("<tr>" + "".join(cells) + "</tr>")
@@ -806,6 +807,78 @@ def _schedule_section(df: pd.DataFrame, out_dir: Path) -> list[_Block]:
     return blocks
 
 
+def _sheet_section(run: RunData, df: pd.DataFrame, out_dir: Path) -> list[_Block]:
+    """For a study that names a family sheet (``compare_with``): the sheet's published numbers beside
+    ours, its findings decided by tests, and (068E) the kindling table and figure (``analysis.family``)."""
+    sheet_id = run.protocol.get("compare_with") if run.protocol else None
+    if not sheet_id:
+        return []
+    from analysis.family import SHEETS, compare_published, decide_findings
+    from analysis.family.compare import DIFFERS_RULE
+
+    if sheet_id not in SHEETS:
+        return [_Block("h2", f"Published numbers of sheet {sheet_id}"),
+                _Block("note", f"This version of `analysis.family` does not carry sheet {sheet_id} "
+                               f"(it knows {', '.join(SHEETS) or 'none'}).")]
+    sheet = SHEETS[sheet_id]
+    first = df[df["cohort"] == df["cohort"].min()] if "cohort" in df else df
+    try:
+        cmp, found = compare_published(first, sheet), decide_findings(first, sheet)
+    except ValueError as exc:  # rows the sheet's readers cannot take; the rest of the report still helps
+        return [_Block("h2", f"Published numbers of sheet {sheet_id}"), _Block("note", f"Not computed: {exc}")]
+    counts, verdicts = cmp.frame["verdict"].value_counts(), found.frame["verdict"].value_counts()
+    blocks = [
+        _Block("h2", f"Published numbers of sheet {sheet.id}"),
+        _Block("p", f"Sheet {sheet.id} ({sheet.title}; `{sheet.source}`): the published mean ± population SD over "
+                    f"{sheet.n_published} seed{'s' if sheet.n_published > 1 else ''} beside ours over patients, "
+                    f"with the 95 % t interval of our mean. {counts.get('within spread', 0)} within spread, "
+                    f"{counts.get('differs', 0)} differ, {counts.get('not in this run', 0)} not in this run. "
+                    + DIFFERS_RULE),
+        _Block("table", header=cmp.HEADER, rows=cmp.rows()),
+        *[_Block("note", note) for note in sheet.notes],
+        _Block("h2", f"Findings of sheet {sheet.id}"),
+        _Block("p", f"Each finding of the sheet, in our words, decided by the stated test: {verdicts.get('holds', 0)} "
+                    f"hold, {verdicts.get('does not hold', 0)} do not hold, {verdicts.get('not testable', 0)} not "
+                    f"testable on this run. Orderings are one-sided paired Wilcoxon tests across patients at alpha = "
+                    f"{found.alpha} (Holm within a finding): with n patients the smallest one-sided p is 2^-n."),
+        _Block("table", header=["id", "finding", "test", "verdict", "detail"],
+               rows=[[r["id"], r["finding"], r["test"], r["verdict"], r["detail"]] for _, r in found.frame.iterrows()]),
+    ]
+    if sheet.id == "068E":
+        blocks += _kindling_blocks(first, run.protocol, out_dir)
+    return blocks
+
+
+def _kindling_blocks(df: pd.DataFrame, protocol: dict, out_dir: Path) -> list[_Block]:
+    """Sheet 068E's kindling summary per arm and cycle (fact 10) and its figure."""
+    from analysis.family.scarring import kindling_summary, plot_kindling
+    from analysis.figures import save_figure
+
+    blocks = [_Block("h3", "Kindling per arm and cycle (sheet 068E, fact 10)")]
+    try:
+        summary = kindling_summary(df, protocol)
+    except ValueError as exc:
+        return [*blocks, _Block("note", f"Not computed: {exc}")]
+    blocks += [
+        _Block("p", "Per cycle: the trigger bias, the trigger's biased accuracy (mean ± population SD), the "
+                    "patients who relapsed (below 60 %), the scar % after the cycle's episode, and the mean "
+                    "severity and activation magnitude of the cycle's state."),
+        _Block("table", header=["arm", "cycle", "bias", "n", "biased accuracy %", "relapsed", "scar % after",
+                                "severity", "activation"],
+               rows=[[display_name(r["arm"]), str(int(r["cycle"])), fmt_num(r["bias"], 1), str(int(r["n"])),
+                      f"{fmt_num(r['biased_accuracy'], 1)} ± {fmt_num(r['biased_accuracy_sd'], 1)}",
+                      f"{int(r['relapsed'])} ({fmt_num(r['relapse_rate'], 0)} %)",
+                      f"{fmt_num(r['scar_after'], 2)} ± {fmt_num(r['scar_after_sd'], 2)}",
+                      fmt_num(r["severity"], 2), fmt_num(r["activation_magnitude"], 3)]
+                     for _, r in summary.frame.iterrows()]),
+    ]
+    png, _ = save_figure(plot_kindling(summary), out_dir, "kindling")
+    caption = ("Kindling per cycle and arm: the trigger's biased accuracy and the scar % after the episode, "
+               "mean ± population SD over patients; dashed: the relapse threshold (60 %).")
+    blocks.append(_Block("figure", caption, image=png, name="kindling"))
+    return blocks
+
+
 def _figures_section(run: RunData, df: pd.DataFrame, out_dir: Path) -> list[_Block]:
     from analysis.figures import make_figures
 
@@ -865,6 +938,7 @@ def write_report(run_dir: str | Path, *, n_resamples: int = 2000, seed: int = 0)
         staging = _in_run(run.path, _mkdtemp(run.path, ".figures"))
         try:
             blocks = _header_section(run, df)
+            blocks += _sheet_section(run, df, staging)
             if sweep_columns(df):  # the paper's tables pooled over levels would mean nothing
                 blocks += _sweep_section(df, staging, n_resamples, seed)
             elif not is_paper_schedule(df):
