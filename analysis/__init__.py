@@ -11,6 +11,7 @@ The modules each hold one concept:
 - :mod:`analysis.figures` - the figures;
 - :mod:`analysis.claims` - the paper's qualitative claims, each decided by a test;
 - :mod:`analysis.dose_response` - sweeps: per-level summaries, trend test, logistic fit, cliff;
+- :mod:`analysis.dose_matching` - dose sweeps: arms compared at matched doses of weight change;
 - :mod:`analysis.replication` - claims across cohorts (Wilson CIs), the smallest sufficient cohort;
 - :mod:`analysis.family` - the model family's sheets: published numbers beside ours, findings decided by tests;
 - :mod:`analysis.report` - ``report.md`` / ``report.html`` from a run folder;
@@ -28,6 +29,7 @@ from analysis.tables import format_tables, load_published, paper_tables
 
 __all__ = [
     "claims",
+    "dose_matching",
     "dose_response",
     "family",
     "figures",
