@@ -327,24 +327,27 @@ def _manifest_rows(manifest: Mapping) -> list[list[str]]:
 def _header_section(run: RunData, df: pd.DataFrame) -> list[_Block]:
     arms = arm_order(df)
     name = run.protocol.get("name") or run.manifest.get("study") or run.path.name
+    paper = is_paper_schedule(df) and not sweep_columns(df) and not (run.protocol or {}).get("compare_with")
     blocks = [
-        _Block("h1", f"Reproduction report: {name}"),
+        _Block("h1", f"{'Reproduction report' if paper else 'Study report'}: {name}"),
         _Block(
             "p",
             f"Run folder `{run.path.name}`: {df['patient'].nunique()} virtual patients, arms "
             + ", ".join(f"{display_name(a)} (`{a}`)" for a in arms)
             + ". Everything below is computed from the saved `results.csv`, `protocol.json` "
-            "and `manifest.json`; nothing is re-simulated. Paper: *Modeling Antidepressant-"
-            "Induced Manic Switch and Longitudinal Relapse* (Tables 1-4 and Results).",
+            "and `manifest.json`; nothing is re-simulated."
+            + (" Paper: *Modeling Antidepressant-Induced Manic Switch and Longitudinal Relapse* "
+               "(Tables 1-4 and Results)." if paper else ""),
         ),
-        _Block(
+    ]
+    if paper:
+        blocks.append(_Block(
             "p",
             "Agreement with the published numbers is judged in our own spread: the deviation "
             "is (our mean - paper mean) / our SD (population SD, ddof = 0, as in the paper). "
             "Random streams differ from the authors', so exact agreement is not expected; a "
             "difference is a finding, not a fault to tune away.",
-        ),
-    ]
+        ))
     rows = _manifest_rows(run.manifest)
     if rows:
         blocks += [
