@@ -5,14 +5,16 @@ The kernels are compiled for one target (``VIRTUALPATIENT_MARCH``: ``native`` by
 (16-float vectors become one AVX-512 register or two AVX2 ones, other FMA contractions), so each
 build must pass the equivalence checks of ``tests/test_perf_equivalence.py`` with its tolerances
 (products and gradients ``atol 1e-5, rtol 1e-5``; evaluation and three training epochs
-``atol 1e-5``). A target is skipped when the C compiler is missing or cannot build it, or when this
-CPU cannot run it. Also: the compile cache keeps one file per target, and an unknown target is a
-one-line :class:`~virtualpatient.errors.UsageError`.
+``atol 1e-5``) and the hidden-layer checks of ``tests/test_hidden_layer.py`` with theirs. A target
+is skipped when the C compiler is missing or cannot build it, or when this CPU cannot run it.
+Also: the compile cache keeps one file per target, and an unknown target is a one-line
+:class:`~virtualpatient.errors.UsageError`.
 """
 
 from __future__ import annotations
 
 import pytest
+import test_hidden_layer as hl
 import test_perf_equivalence as eq
 import torch
 
@@ -78,6 +80,14 @@ def test_fused_elementwise_steps_equal_torch(target):
     torch.testing.assert_close(ops.add_noise_t(h.clone(), draw.clone(), 0.5, 0.1, 1.5, 0.2, "native"),
                                ops.add_noise_t(h.clone(), draw.clone(), 0.5, 0.1, 1.5, 0.2, "torch"),
                                atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_hidden_layer_equals_the_definition(target, activation):
+    """The fused hidden layer (forward, magnitudes, derivative, gradient) of this build equals
+    HiddenLayer.reference for every activation x modulation combination, with the tolerances of
+    tests/test_hidden_layer.py (bits for relu)."""
+    assert hl.check_fused_against_reference("native", activation) > 0
 
 
 def test_evaluation_equals_dense(target):

@@ -17,8 +17,9 @@ The hidden layer computes, in this order (fact 3)::
     h *= damping * effective_gain(gain, p)
     h -= inhibition * p                             # stabiliser, if p > 0
 
-The output layer is plain linear. Computing with these objects (forward, accuracy, training) is
-the engine's, :mod:`virtualpatient.engine` (start at its docstring).
+The output layer is plain linear. That order is defined once, in
+:class:`virtualpatient.engine.hidden.HiddenLayer`; computing with these objects (forward,
+accuracy, training) is the engine's, :mod:`virtualpatient.engine` (start at its docstring).
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ it to the stored numbers bit for bit) and only changes how. Where each piece liv
                           :func:`~virtualpatient.engine.batched.train`, mini-batches, the dense
                           reference path and the working copy (``_Net``, ``_Layer``) with its
                           hand-written backward pass
+``hidden.py``             a hidden layer's order of operations, defined once
+                          (:class:`~virtualpatient.engine.hidden.HiddenLayer`): every path follows it
 ``adam.py``               the optimiser, :class:`~virtualpatient.engine.adam.BatchedAdam`
 ``reduction.py``          the live units of a masked network (noise-free training skips the rest)
 ``ops.py``                one layer's products (compressed: ``Pattern``, SpMM, SDDMM; dense: oneDNN)

@@ -8,8 +8,8 @@ compressed (only its unmasked weights, see :mod:`virtualpatient.engine.ops`). Tr
 backpropagated by hand (``_Net.step``) and optimised by
 :class:`~virtualpatient.engine.adam.BatchedAdam`; noise-free training runs on the live units only
 (constant units folded into the next layer's biases, dead units left out:
-:mod:`virtualpatient.engine.reduction`). Every path computes a hidden layer in the order
-:mod:`virtualpatient.network` gives.
+:mod:`virtualpatient.engine.reduction`). Every hidden layer, on every path, follows
+:class:`~virtualpatient.engine.hidden.HiddenLayer`.
 
 All of it gives the dense results up to float rounding (``tests/test_perf_equivalence.py``);
 ``docs/performance.md`` has the measurements behind the defaults. The dense, autograd-visible
@@ -35,97 +35,31 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from virtualpatient import stabiliser
 from virtualpatient.engine import native, ops, reduction, settings
 from virtualpatient.engine.adam import BatchedAdam
-from virtualpatient.network import (
-    ACTIVATIONS,
-    BiasedNoise,
-    Modulation,
-    NoiseSource,
-    NonFiniteError,
-    Params,
-    PerPatient,
-    per_patient,
-)
+from virtualpatient.engine.hidden import HiddenLayer, NoiseTerm
+from virtualpatient.network import BiasedNoise, Modulation, NoiseSource, NonFiniteError, Params
 
 if TYPE_CHECKING:
     from virtualpatient.protocol import StabiliserConfig
 
-__all__ = ["accuracy", "batch_loss", "epoch_batches", "forward", "gather_batch", "hidden_terms", "train"]
-
-
-# --------------------------------------------------------------------------------------------
-# The terms of the hidden layers
-# --------------------------------------------------------------------------------------------
-def hidden_terms(mod: Modulation, stab: StabiliserConfig) -> tuple[PerPatient, PerPatient]:
-    """``(scale, shift)`` of the hidden layers: ``damping * effective_gain`` and the inhibitory shift.
-
-    Shared when ``mod`` is (the same expressions as always); otherwise computed per patient with
-    the same float expressions, so patient ``i``'s terms are exactly those it has alone.
-    """
-    if mod.n_patients is None:
-        p = mod.protection
-        return mod.damping * stabiliser.effective_gain(mod.gain, p, stab), stabiliser.inhibitory_shift(p, stab)
-    terms = [hidden_terms(mod.patient(i), stab) for i in range(mod.n_patients)]
-    return per_patient([t[0] for t in terms]), per_patient([t[1] for t in terms])
-
-
-def _lift(mod: Modulation, biased: BiasedNoise, stab: StabiliserConfig) -> PerPatient:
-    """The biased-noise shift ``shift * (1 - f p)``, per patient when protection is."""
-    if not isinstance(mod.protection, tuple):
-        return biased.shift * stabiliser.biased_shift_scale(mod.protection, stab)
-    return per_patient([biased.shift * stabiliser.biased_shift_scale(p, stab) for p in mod.protection])
-
-
-def _nominal(mod: Modulation) -> PerPatient:
-    """``damping * gain`` (the activation-magnitude factor), per patient when either is."""
-    if mod.n_patients is None:
-        return mod.damping * mod.gain
-    return per_patient([d * g for d, g in zip(mod.values("damping", mod.n_patients),
-                                               mod.values("gain", mod.n_patients))])
-
-
-def _per_row(value: PerPatient, like: torch.Tensor) -> float | torch.Tensor:
-    """``value`` itself when shared, else a ``[P, 1, ...]`` tensor to broadcast against ``like``."""
-    if not isinstance(value, tuple):
-        return value
-    return torch.tensor(value, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.ndim - 1)))
-
-
-def _times(h: torch.Tensor, factor: PerPatient) -> torch.Tensor:
-    """``h * factor`` with ``factor`` shared or one per patient (leading axis)."""
-    return h * _per_row(factor, h)
-
+__all__ = ["accuracy", "batch_loss", "epoch_batches", "forward", "gather_batch", "train"]
 
 
 # --------------------------------------------------------------------------------------------
 # Evaluation, and the dense reference math (autograd-visible; used for gradient scores)
 # --------------------------------------------------------------------------------------------
 def _forward_dense(params, x, mod, stab, noise, biased, magnitudes) -> torch.Tensor:
-    act = ACTIVATIONS[mod.activation]
-    scale, shift = hidden_terms(mod.check(params.n_patients), stab)
-    drawn = _drawn(mod.noise_sigma)
-    n_hidden = len(params.weights) - 1
+    """The network in plain torch ops: each hidden layer is :meth:`HiddenLayer.reference`."""
+    hidden = HiddenLayer.of(mod.check(params.n_patients), stab, biased)
+
+    def draw(term: NoiseTerm, shape: Sequence[int]) -> torch.Tensor:
+        return noise(shape, x.device, term.drawn)
+
     h = x
-    for i in range(n_hidden):
-        h = act(torch.baddbmm(params.biases[i].unsqueeze(1), h, params.weights[i].transpose(1, 2)))
-        if magnitudes is not None:
-            magnitudes.append(_times(h, _nominal(mod)).abs().mean(dim=(1, 2)))
-        if mod.noisy:
-            h = h + _times(noise(h.shape, h.device, drawn), mod.noise_sigma)
-        if biased is not None:
-            h = h + biased.sigma * noise(h.shape, h.device) + _per_row(_lift(mod, biased, stab), h)
-        h = _times(h, scale)
-        if shift:
-            h = h - _per_row(shift, h)
+    for w, b in zip(params.weights[:-1], params.biases[:-1]):
+        h = hidden.reference(torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2)), draw, magnitudes)
     return torch.baddbmm(params.biases[-1].unsqueeze(1), h, params.weights[-1].transpose(1, 2))
-
-
-def _drawn(sigma: PerPatient) -> list[bool] | None:
-    """Which patients draw internal noise (``None``: all of them, or none when ``sigma`` is 0)."""
-    return [s > 0 for s in sigma] if isinstance(sigma, tuple) else None
-
 
 
 def forward(
@@ -137,7 +71,8 @@ def forward(
     biased: BiasedNoise | None = None,
     magnitudes: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Logits ``[P, N, C]`` of inputs ``x`` ``[P, N, in]`` (the layer order is in :mod:`virtualpatient.network`).
+    """Logits ``[P, N, C]`` of inputs ``x`` ``[P, N, in]`` (each hidden layer is a
+    :class:`~virtualpatient.engine.hidden.HiddenLayer`).
 
     ``mod`` may hold one value per patient (:class:`~virtualpatient.network.Modulation`); patient
     ``i`` then computes exactly what it computes alone with ``mod.patient(i)``.
@@ -354,11 +289,10 @@ class _Net:
         extra = [c for c in self.const_biases if c is not None]
         return leaves + extra, segments + [None] * len(extra)
 
-    def _constants(self, activation: str, scale: float, shift: float) -> list[tuple | None]:
+    def _constants(self, hidden: HiddenLayer) -> list[tuple | None]:
         """Per layer, the activations ``[P, K, 1]`` of its input level's constant units and their
-        derivatives (or ``None``)."""
-        return [None if b is None else ops.post_activation(b.detach().clone().unsqueeze(2), activation, scale,
-                                                           shift, kind=self.kind)
+        derivatives (or ``None``): the hidden layer on their biases, as a batch of one sample."""
+        return [None if b is None else hidden.apply_t(b.detach().clone().unsqueeze(2), kind=self.kind, deriv=None)
                 for b in self.const_biases]
 
     def _bias(self, i: int, consts: list[tuple | None]) -> torch.Tensor | None:
@@ -376,29 +310,27 @@ class _Net:
     def logits_t(self, xt: torch.Tensor, mod: Modulation, stab: StabiliserConfig,
                  noise: NoiseSource | None) -> torch.Tensor:
         """Logits ``[P, C, B]`` of transposed inputs ``xt`` ``[P, in, B]``; keeps what :meth:`step`'s
-        backward pass needs. Same operations, same order as the dense path (module docstring)."""
-        scale, shift = hidden_terms(mod.check(xt.shape[0]), stab)
+        backward pass needs. Each hidden layer is :meth:`HiddenLayer.apply_t`."""
+        hidden = HiddenLayer.of(mod.check(xt.shape[0]), stab)
         n_patients, n = xt.shape[0], xt.shape[2]
         inputs, derivs = [xt], []
         h = xt
         relu = mod.activation == "relu"
-        noisy = mod.noisy
-        if self.reduction is not None and noisy:
+        if self.reduction is not None and hidden.noise:
             raise ValueError("a reduced network trains without internal noise only")
-        consts = self._constants(mod.activation, scale, shift)
+        consts = self._constants(hidden)
+
+        def draw(term: NoiseTerm, shape: Sequence[int]) -> torch.Tensor:
+            return noise.fill_(_buffer("train/noise", shape, xt), term.drawn)
+
         for i, layer in enumerate(self.layers[:-1]):
             units = layer.bias.shape[1]
             z = layer.forward(h, _buffer(f"train/a{i}", (n_patients, units, n), xt), self._bias(i, consts))
-            d = _buffer(f"train/d{i}", z.shape, z, torch.bool if relu else None)
-            if noisy:  # act, noise (drawn [P, B, units] as the dense path), * scale, - shift
-                h, d = ops.post_activation(z, mod.activation, 1.0, 0.0, deriv=d, kind=self.kind)
-                draw = noise.fill_(_buffer("train/noise", (n_patients, n, units), xt), _drawn(mod.noise_sigma))
-                ops.add_noise_t(h, draw, mod.noise_sigma, 0.0, scale, shift, kind=self.kind)
-            else:  # one fused pass (x * 1.0 and x - 0.0 are skipped: they change nothing)
-                h, d = ops.post_activation(z, mod.activation, scale, shift, deriv=d, kind=self.kind)
+            h, d = hidden.apply_t(z, draw, self.kind, deriv=_buffer(f"train/d{i}", z.shape, z,
+                                                                    torch.bool if relu else None))
             derivs.append(d)
             inputs.append(h)
-        self._saved = (inputs, derivs, scale, consts)
+        self._saved = (inputs, derivs, hidden, consts)
         return self.layers[-1].forward(h, bias=self._bias(len(self.layers) - 1, consts))
 
     @torch.no_grad()
@@ -407,7 +339,7 @@ class _Net:
         """Per-patient mean cross-entropy ``[P]`` of one mini-batch and the gradients of its sum with
         respect to :meth:`leaves` (in that order)."""
         logits = forward(self, xt, mod, stab, noise=noise)  # -> logits_t, via the public entry point
-        inputs, derivs, scale, consts = self._saved
+        inputs, derivs, hidden, consts = self._saved
         self._saved = None
         logp = torch.log_softmax(logits, 1)
         target = y.unsqueeze(1)
@@ -428,9 +360,9 @@ class _Net:
                 const, deriv = consts[i]
                 g_values, _, g_const = self.inputs[i].backward(g_bias[i].unsqueeze(2), const, True)
                 g_inputs.insert(0, g_values)
-                g_consts.insert(0, ops.pre_activation_grad(g_const, deriv, scale, kind=self.kind).squeeze(2))
-            if i > 0:  # through h = (act(z) [+ noise]) * scale [- shift]
-                g = ops.pre_activation_grad(gh, derivs[i - 1], scale, kind=self.kind)
+                g_consts.insert(0, hidden.grad_t(g_const, deriv, self.kind).squeeze(2))
+            if i > 0:  # through the hidden layer below
+                g = hidden.grad_t(gh, derivs[i - 1], self.kind)
         return loss, g_leaf + g_bias + g_inputs + g_consts
 
     @torch.no_grad()
@@ -466,30 +398,17 @@ class _Net:
     @torch.no_grad()
     def forward_eval(self, x: torch.Tensor, mod: Modulation, stab: StabiliserConfig, noise: NoiseSource | None,
                      biased: BiasedNoise | None, magnitudes: list[torch.Tensor] | None) -> torch.Tensor:
-        """Logits ``[P, N, C]`` (no autograd; the same operations in the same order as the dense path)."""
-        scale, shift = hidden_terms(mod.check(x.shape[0]), stab)
+        """Logits ``[P, N, C]`` (no autograd); each hidden layer is :meth:`HiddenLayer.apply_t`."""
+        hidden = HiddenLayer.of(mod.check(x.shape[0]), stab, biased)
         n_patients, n = x.shape[0], x.shape[1]
-        sigmas = ([mod.noise_sigma] if mod.noisy else []) + ([biased.sigma] if biased else [])
-        drawn = [_drawn(mod.noise_sigma)] * mod.noisy + [None] * (biased is not None)
-        lift = _lift(mod, biased, stab) if biased is not None else 0.0
+
+        def draw(term: NoiseTerm, shape: Sequence[int]) -> torch.Tensor:
+            return noise.fill_(_buffer("eval/noise", shape, x), term.drawn)
+
         h = x.transpose(1, 2).contiguous()
         for i, layer in enumerate(self.layers[:-1]):
-            units = layer.bias.shape[1]
-            z = layer.forward(h, _buffer(f"eval/h{i % 2}", (n_patients, units, n), x))
-            if magnitudes is not None:
-                h, _ = ops.post_activation(z, mod.activation, 1.0, 0.0, deriv=False, kind=self.kind)
-                magnitudes.append(_times(h, _nominal(mod)).abs().mean(dim=(1, 2)))
-                if not sigmas:
-                    ops.scale_shift_(h, scale, shift)
-            elif sigmas:
-                h, _ = ops.post_activation(z, mod.activation, 1.0, 0.0, deriv=False, kind=self.kind)
-            else:  # act, * scale, - shift in one pass
-                h, _ = ops.post_activation(z, mod.activation, scale, shift, deriv=False, kind=self.kind)
-            for k, sigma in enumerate(sigmas):  # each [P, N, units] in the dense path's order
-                draw = noise.fill_(_buffer("eval/noise", (n_patients, n, units), x), drawn[k])
-                last = k == len(sigmas) - 1
-                ops.add_noise_t(h, draw, sigma, lift if last else 0.0, scale if last else 1.0,
-                                shift if last else 0.0, kind=self.kind)
+            z = layer.forward(h, _buffer(f"eval/h{i % 2}", (n_patients, layer.bias.shape[1], n), x))
+            h, _ = hidden.apply_t(z, draw, self.kind, magnitudes=magnitudes)
         return self.layers[-1].forward(h).transpose(1, 2)
 
 

@@ -30,8 +30,8 @@ Kernels
 -------
 ``native``: the C kernels of :mod:`virtualpatient.engine.native` (``kernels/products.c``: the
 three products; ``kernels/elementwise.c``: the elementwise steps of a hidden layer fused into
-single passes, :func:`post_activation`, :func:`pre_activation_grad`, :func:`add_noise_t`, in the
-order of the dense path). ``torch``: ``torch.sparse`` CSR products and
+single passes, :func:`post_activation`, :func:`pre_activation_grad`, :func:`add_noise_t`, whose
+order :mod:`virtualpatient.engine.hidden` defines). ``torch``: ``torch.sparse`` CSR products and
 torch elementwise ops (any device, slower on CPU). :func:`~virtualpatient.engine.native.backend`
 chooses (``VIRTUALPATIENT_SPARSE``).
 

@@ -1,6 +1,7 @@
-/* The fused elementwise steps of a hidden layer (virtualpatient/engine/ops.py calls them), in the
-   order of operations of the dense path. Compiled with products.c into one library by
-   virtualpatient/engine/native.py. */
+/* The fused elementwise steps of a hidden layer (virtualpatient/engine/ops.py calls them): the
+   order of operations is the one virtualpatient/engine/hidden.py defines (HiddenLayer.reference),
+   and tests/test_hidden_layer.py checks these kernels against it for every activation and
+   modulation. Compiled with products.c into one library by virtualpatient/engine/native.py. */
 #include <stdint.h>
 
 /* Elementwise epilogues. Separate roundings, in the order of the dense path: no FMA contraction. */
