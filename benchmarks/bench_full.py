@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def _setup(threads: int, eval_max_mib: int | None) -> None:
     """Torch threads and the evaluation memory budget of this process (the driver's engine settings
     travel with every unit of work, so the workers need only their one thread)."""
-    from virtualpatient import network
+    from virtualpatient.engine import settings
 
     torch.set_num_threads(threads)
     if eval_max_mib is not None:
-        network.ENGINE = dataclasses.replace(network.ENGINE, eval_max_bytes=eval_max_mib * 2**20)
+        settings.ENGINE = dataclasses.replace(settings.ENGINE, eval_max_bytes=eval_max_mib * 2**20)
 
 
 def _rss_mib(who: int) -> float:
@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="run folder (default: in memory, nothing written)")
     args = parser.parse_args(argv)
 
-    from virtualpatient import ClinicalTrial, load_study, sparse
+    from virtualpatient import ClinicalTrial, load_study
     from virtualpatient.distributed import local_pool
+    from virtualpatient.engine import native, ops
 
     protocol = load_study(args.study)
     changes = {}
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         executor = local_pool(args.workers)  # what `virtualpatient reproduce` uses
     print(f"bench_full    python {platform.python_version()}  torch {torch.__version__}  cpus {os.cpu_count()}  "
           f"workers {args.workers}  threads {1 if args.workers > 1 else torch.get_num_threads()}  "
-          f"sparse {sparse.backend('cpu')}  onednn {sparse.onednn_available()}")
+          f"sparse {native.backend('cpu')}  onednn {ops.onednn_available()}")
     cfg = protocol.longitudinal
     print(f"protocol      {protocol.name}  patients {protocol.n_patients}  patients_per_unit {per_unit}  "
           f"durations {','.join(map(str, cfg.durations))}  washout_steps {cfg.washout_steps}")

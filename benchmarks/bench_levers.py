@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from virtualpatient import network, plasticity, reduction, sparse
+from virtualpatient import network, plasticity
+from virtualpatient.engine import adam as optimiser
+from virtualpatient.engine import batched, native, ops, reduction, settings
 from virtualpatient.network import Modulation
 from virtualpatient.protocol import Protocol
 
@@ -54,7 +56,7 @@ def _lesioned(p: int, regrow: bool = False) -> network.Params:
 def _layer_costs(p: int, density: float, x, g, b, gen) -> list[float]:
     mask = (torch.rand(p, 512, 512, generator=gen) < density).float()
     w = torch.randn(p, 512, 512, generator=gen) * mask
-    pattern = sparse.Pattern(mask)
+    pattern = ops.Pattern(mask)
     values = pattern.gather(w)
 
     def mkl():
@@ -63,12 +65,12 @@ def _layer_costs(p: int, density: float, x, g, b, gen) -> list[float]:
         torch.bmm(w.transpose(1, 2), g)
 
     def onednn():
-        sparse.dense_forward(w, b, x)
-        sparse.dense_backward(w, g, x)
+        ops.dense_forward(w, b, x)
+        ops.dense_backward(w, g, x)
 
     def compressed(kind):
-        sparse.sparse_forward(pattern, values, b, x, kind=kind)
-        sparse.sparse_backward(pattern, values, g, x, kind=kind)
+        ops.sparse_forward(pattern, values, b, x, kind=kind)
+        ops.sparse_backward(pattern, values, g, x, kind=kind)
 
     fns = (mkl, onednn, lambda: compressed("native"), lambda: compressed("torch"))
     return [_cpu(f, number=3) * 1e3 / p for f in fns]
@@ -99,7 +101,7 @@ def _plain_step(params: network.Params, p: int):
     mod = Modulation(gain=1.6, protection=1.0)
 
     def step():
-        logits = network._forward_dense(network.Params(ws, bs, masks), x, mod, STAB, None, None, None)
+        logits = batched._forward_dense(network.Params(ws, bs, masks), x, mod, STAB, None, None, None)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(p, -1).mean(1)
         grads = torch.autograd.grad(loss.sum(), leaves)
         with torch.no_grad():
@@ -113,9 +115,9 @@ def _plain_step(params: network.Params, p: int):
 
 
 def _engine_step(params: network.Params, p: int, reduce: bool = False):
-    net = network._Net(params, reduce=reduce)
+    net = batched._Net(params, reduce=reduce)
     leaves, segments = net.leaves()
-    opt = network.BatchedAdam(leaves, 1e-6, segments=segments)
+    opt = optimiser.BatchedAdam(leaves, 1e-6, segments=segments)
     x = torch.randn(p, 2, 128)
     y = torch.randint(0, 4, (p, 128))
     mod = Modulation(gain=1.6, protection=1.0)
@@ -134,9 +136,9 @@ def step(p: int = 10) -> None:
         params = _lesioned(p, regrow)
         plain = _cpu(_plain_step(params, p)) * 1e3 / p
         engine = _cpu(_engine_step(params, p)) * 1e3 / p
-        with network.engine_options(sparse_backend="off"):
+        with settings.engine_options(sparse_backend="off"):
             dense = _cpu(_engine_step(params, p)) * 1e3 / p
-        with network.engine_options(sparse_max_density=1.0):
+        with settings.engine_options(sparse_max_density=1.0):
             compressed = _cpu(_engine_step(params, p)) * 1e3 / p
         print(f"step          {label:6s} sparse: plain {plain:.3f}  engine {engine:.3f}  "
               f"engine_all_dense {dense:.3f}  engine_all_compressed {compressed:.3f}  ratio {plain / engine:.1f}x")
@@ -183,13 +185,13 @@ def adam(p: int = 10) -> None:
     params = _lesioned(p)
     tensors = [t.clone() for t in params.weights + params.biases]
     grads = [torch.randn_like(t) for t in tensors]
-    fused = network.BatchedAdam(tensors, 1e-3)
-    saved, network.FUSED_ADAM = network.FUSED_ADAM, False
+    fused = optimiser.BatchedAdam(tensors, 1e-3)
+    saved, optimiser.FUSED_ADAM = optimiser.FUSED_ADAM, False
     try:
-        manual = network.BatchedAdam([t.clone() for t in tensors], 1e-3)
+        manual = optimiser.BatchedAdam([t.clone() for t in tensors], 1e-3)
         t_manual = _cpu(lambda: manual.step(grads)) * 1e3 / p
     finally:
-        network.FUSED_ADAM = saved
+        optimiser.FUSED_ADAM = saved
     t_fused = _cpu(lambda: fused.step(grads)) * 1e3 / p
     print(f"adam          dense 396k parameters, ms per patient-step: eight_passes {t_manual:.3f}  fused {t_fused:.3f}")
 
@@ -209,9 +211,9 @@ def _evaluation_costs(params, data_x, p: int) -> tuple[float, float, float]:
     mod = Modulation(protection=0.5)
     biased = network.BiasedNoise()
     buf = torch.empty(p, 4000, 512)
-    engine = _cpu(lambda: network.forward(params, data_x, mod, STAB, noise=noise, biased=biased), number=3)
+    engine = _cpu(lambda: batched.forward(params, data_x, mod, STAB, noise=noise, biased=biased), number=3)
     draws = _cpu(lambda: (noise.fill_(buf), noise.fill_(buf), noise.fill_(buf[:, :, :256].contiguous())), number=3)
-    plain = _cpu(lambda: network._forward_dense(params, data_x, mod, STAB, noise, biased, None), number=3)
+    plain = _cpu(lambda: batched._forward_dense(params, data_x, mod, STAB, noise, biased, None), number=3)
     return plain, engine, draws
 
 
@@ -264,7 +266,7 @@ def flops(p: int = 10, n: int = 128) -> None:
     practical peak under the current instruction-set caps); and of the native compressed kernels."""
     gen = torch.Generator().manual_seed(0)
     big = torch.randn(1024, 1024, generator=gen)
-    peak = 1024 ** 3 / _cpu(lambda: sparse._mm(big, big), number=3) / 1e9
+    peak = 1024 ** 3 / _cpu(lambda: ops._mm(big, big), number=3) / 1e9
     cells = [f"square1024 {peak:.1f}"]
     for n_out, n_in in ((512, 512), (256, 512)):
         w = torch.randn(p, n_out, n_in, generator=gen)
@@ -272,21 +274,21 @@ def flops(p: int = 10, n: int = 128) -> None:
         x = torch.randn(p, n_in, n, generator=gen)
         g = torch.randn(p, n_out, n, generator=gen)
         fma = p * n_out * n_in * n / 1e9
-        fwd = _cpu(lambda w=w, b=b, x=x: sparse.dense_forward(w, b, x), number=5)
-        gw = _cpu(lambda g=g, x=x: torch.stack([sparse._mm(gg, xx) for gg, xx in zip(g, x)]), number=5)
-        gx = _cpu(lambda g=g, w=w: torch.stack([sparse._mm(gg.t(), ww.t()).t() for gg, ww in zip(g, w)]), number=5)
+        fwd = _cpu(lambda w=w, b=b, x=x: ops.dense_forward(w, b, x), number=5)
+        gw = _cpu(lambda g=g, x=x: torch.stack([ops._mm(gg, xx) for gg, xx in zip(g, x)]), number=5)
+        gx = _cpu(lambda g=g, w=w: torch.stack([ops._mm(gg.t(), ww.t()).t() for gg, ww in zip(g, w)]), number=5)
         cells.append(f"{n_out}x{n_in} fwd {fma / fwd:.1f} dW {fma / gw:.1f} dx {fma / gx:.1f}")
     for density in (0.05, 0.525):
         mask = (torch.rand(p, 512, 512, generator=gen) < density).float()
-        pat = sparse.Pattern(mask)
+        pat = ops.Pattern(mask)
         values = torch.randn(pat.nnz, generator=gen)
         x = torch.randn(p, 512, n, generator=gen)
         g = torch.randn(p, 512, n, generator=gen)
         fma = pat.nnz * n / 1e9
-        fwd = _cpu(lambda pat=pat, v=values, x=x: sparse.sparse_forward(pat, v, None, x), number=5)
-        bwd = _cpu(lambda pat=pat, v=values, g=g, x=x: sparse.sparse_backward(pat, v, g, x), number=5)
+        fwd = _cpu(lambda pat=pat, v=values, x=x: ops.sparse_forward(pat, v, None, x), number=5)
+        bwd = _cpu(lambda pat=pat, v=values, g=g, x=x: ops.sparse_backward(pat, v, g, x), number=5)
         cells.append(f"native@{density} fwd {fma / fwd:.1f} bwd(dv+dx) {2 * fma / bwd:.1f}")
-    print(f"flops         GFMA/s, P={p}, {n} samples, kernels {sparse.kernel_target()}:  "
+    print(f"flops         GFMA/s, P={p}, {n} samples, kernels {native.kernel_target()}:  "
           + "  ".join(cells))
 
 
@@ -299,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(LEVERS)}")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    print(f"bench_levers  torch {torch.__version__}  sparse {sparse.backend('cpu')}  "
-          f"onednn {sparse.onednn_available()}  cpu {torch.backends.cpu.get_cpu_capability()}  "
-          f"kernels {sparse.kernel_target()}")
+    print(f"bench_levers  torch {torch.__version__}  sparse {native.backend('cpu')}  "
+          f"onednn {ops.onednn_available()}  cpu {torch.backends.cpu.get_cpu_capability()}  "
+          f"kernels {native.kernel_target()}")
     for name in (args.only.split(",") if args.only else LEVERS):
         LEVERS[name]()
     return 0

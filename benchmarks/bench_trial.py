@@ -72,12 +72,12 @@ def isa_line() -> str:
     """``isa avx512`` or ``isa avx2`` (the CPU's widest vector ISA), ``avx2 (emulated)`` when the
     CPU has AVX-512 but the switches cap oneDNN, ATen or the native kernels at AVX2; then the
     switches that are set, ATen's capability and the kernels' target."""
-    from virtualpatient import sparse
+    from virtualpatient.engine import native
 
-    flags = sparse._cpu_flags() or set()
+    flags = native._cpu_flags() or set()
     hardware = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
     aten = torch.backends.cpu.get_cpu_capability().lower()
-    target = sparse.kernel_target()
+    target = native.kernel_target()
     capped = (aten.startswith("avx2") or os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper().startswith("AVX2")
               or os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").upper().startswith("AVX2")
               or target in ("x86-64-v3", "x86-64-v2", "x86-64", "generic"))
@@ -115,9 +115,9 @@ def _worker_setup() -> None:
     (the reference's imports are not timed either)."""
     torch.set_num_threads(1)
     import virtualpatient.trial  # noqa: F401
-    from virtualpatient import sparse
+    from virtualpatient.engine import native
 
-    sparse.kernels_available()
+    native.kernels_available()
 
 
 def _started(seconds: float) -> None:
@@ -186,6 +186,7 @@ def scaling(patients: tuple[int, ...], threads: int) -> list[tuple[str, int, flo
     """Seconds per patient-epoch of the engine at full size for each P, 95 % and 47.5 % sparse."""
     torch.set_num_threads(threads)
     from virtualpatient import network, plasticity
+    from virtualpatient.engine import batched
     from virtualpatient.network import Modulation
     from virtualpatient.protocol import Protocol
 
@@ -206,9 +207,9 @@ def scaling(patients: tuple[int, ...], threads: int) -> list[tuple[str, int, flo
             x = torch.randn(p, 12_000, 2, generator=gens[0])
             y = torch.randint(0, 4, (p, 12_000), generator=gens[0])
             kw = dict(lr=1e-6, batch_size=128, schedule=lambda e: mod, stab=stab, shuffle=gens)
-            network.train(params, x[:, :512], y[:, :512], epochs=1, **kw)  # warm-up
+            batched.train(params, x[:, :512], y[:, :512], epochs=1, **kw)  # warm-up
             start = time.perf_counter()
-            network.train(params, x, y, epochs=1, **kw)
+            batched.train(params, x, y, epochs=1, **kw)
             out.append((label, p, (time.perf_counter() - start) / p))
     return out
 
@@ -225,14 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling-patients", default="1,10,50")
     args = parser.parse_args(argv)
 
-    from virtualpatient import sparse
+    from virtualpatient.engine import native, ops
 
     protocol = _protocol(args.patients)
     cfg = protocol.longitudinal
     ref_threads = args.reference_threads or args.threads
     print(f"bench_trial   python {platform.python_version()}  torch {torch.__version__}  threads {args.threads}  "
           f"reference_threads {ref_threads}  engine_workers {args.engine_workers}  "
-          f"cpus {os.cpu_count()}  sparse {sparse.backend('cpu')}  onednn {sparse.onednn_available()}  "
+          f"cpus {os.cpu_count()}  sparse {native.backend('cpu')}  onednn {ops.onednn_available()}  "
           f"{isa_line()}")
     print(f"protocol      patients {args.patients}  layers {'-'.join(map(str, protocol.network.layer_sizes))}  "
           f"n_train {protocol.task.n_train}  n_standard {protocol.task.n_standard}  batch "

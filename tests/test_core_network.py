@@ -1,4 +1,5 @@
-"""Tests of virtualpatient.network: the hidden-layer formula, batched training and its Adam."""
+"""Tests of virtualpatient.network and the engine's batched network (virtualpatient.engine.batched): the hidden-layer
+formula, batched training and its Adam."""
 
 from __future__ import annotations
 
@@ -10,15 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from virtualpatient import PatientBatch, PatientSpec
+from virtualpatient.engine.batched import forward, train
 from virtualpatient.network import (
     BiasedNoise,
     Modulation,
     NoiseSource,
     NonFiniteError,
     Params,
-    forward,
     init_params,
-    train,
 )
 from virtualpatient.protocol import StabiliserConfig
 from virtualpatient.task import make_task_data
@@ -93,7 +93,7 @@ def _draws(seeds, n, sizes, per_layer: int):
     ids=["plain", "ketamine", "ssri", "neurosteroid", "ssri-p0.6", "ketamine-p1", "neurosteroid-p0.5"],
 )
 def test_forward_matches_hand_computation(mod):
-    """network.forward equals fact 3 computed by hand (act, damping x capped gain, -0.15 p), no noise."""
+    """forward equals fact 3 computed by hand (act, damping x capped gain, -0.15 p), no noise."""
     params = _tiny_params(1)
     x = np.random.default_rng(2).normal(0.0, 3.0, (2, 7, 2))
     got = forward(params, torch.tensor(x, dtype=torch.float32), mod, STAB).double().numpy()
@@ -262,7 +262,7 @@ def test_batched_adam_equals_torch_adam(make_protocol, pruned):
 
 
 def test_masks_zero_pruned_weights_after_training():
-    """network.train re-applies masks after every step: masked weights are exactly 0 afterwards."""
+    """train re-applies masks after every step: masked weights are exactly 0 afterwards."""
     params = _tiny_params(12, n_patients=2, sizes=(2, 16, 16, 8, 4))
     rng = np.random.default_rng(13)
     x = torch.tensor(rng.normal(0, 3, (2, 64, 2)), dtype=torch.float32)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from virtualpatient import KetamineLike, NeurosteroidLike, PatientBatch, Protocol, SSRILike, network
+from virtualpatient import KetamineLike, NeurosteroidLike, PatientBatch, Protocol, SSRILike
+from virtualpatient.engine import batched
 from virtualpatient.network import Modulation
 from virtualpatient.treatments import TREATMENTS, Treatment, build_treatment, register, treatment_dataclass
 
@@ -35,9 +36,9 @@ def pruned(tiny_protocol, make_patients) -> PatientBatch:
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Record every call of network.forward (its modulation) and of PatientBatch.train (args, masks, weights)."""
+    """Record every call of engine.batched.forward (its modulation) and of PatientBatch.train (args, masks, weights)."""
     record = {"mods": [], "train": []}
-    real_forward, real_train = network.forward, PatientBatch.train
+    real_forward, real_train = batched.forward, PatientBatch.train
 
     def forward(params, x, mod, stab, *args, **kwargs):
         record["mods"].append(mod)
@@ -50,7 +51,7 @@ def spy(monkeypatch):
         })
         return real_train(self, epochs, lr, stream, **kwargs)
 
-    monkeypatch.setattr(network, "forward", forward)
+    monkeypatch.setattr(batched, "forward", forward)
     monkeypatch.setattr(PatientBatch, "train", train)
     return record
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from virtualpatient import ClinicalTrial, PatientBatch, PatientSpec, Protocol
-from virtualpatient.network import engine_options, eval_group_size
+from virtualpatient.engine.settings import engine_options, eval_group_size
 from virtualpatient.stabiliser import washout_schedule
 from virtualpatient.trial import COLUMNS, SCHEDULE_COLUMNS, TrainingDivergedError, run_arm
 

@@ -198,8 +198,8 @@ def test_engine_settings_travel_with_the_units(study, tmp_path):
     """The driver's engine settings reach a worker process as a value: under engine_options with a
     one-network evaluation budget, the pool's units evaluate in groups of one (and still give the
     in-process numbers), and the worker's own module state is never patched."""
-    from virtualpatient import network
     from virtualpatient.distributed import local_pool, stop_pool
+    from virtualpatient.engine import settings
 
     seen = []
     pool = local_pool(1)
@@ -212,12 +212,12 @@ def test_engine_settings_travel_with_the_units(study, tmp_path):
 
     pool.submit = spy
     try:
-        with network.engine_options(eval_max_bytes=1):
+        with settings.engine_options(eval_max_bytes=1):
             frame = ClinicalTrial(load_study(study), executor=pool, patients_per_unit=3, progress=False).run()
-        later = pool.submit(network.eval_group_size, 1, [1]).result()  # ENGINE.eval_max_bytes // 4 there
+        later = pool.submit(settings.eval_group_size, 1, [1]).result()  # ENGINE.eval_max_bytes // 4 there
     finally:
         stop_pool(pool)
     assert seen and all(engine["eval_max_bytes"] == 1 for engine in seen)
-    assert later == network.EngineConfig().eval_max_bytes // 4
+    assert later == settings.EngineConfig().eval_max_bytes // 4
     reference = ClinicalTrial(load_study(study), patients_per_unit=3, progress=False).run()
     pd.testing.assert_frame_equal(frame, reference, check_exact=False, rtol=1e-6, atol=1e-6)

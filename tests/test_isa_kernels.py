@@ -5,18 +5,20 @@ The kernels are compiled for one target (``VIRTUALPATIENT_MARCH``: ``native`` by
 (16-float vectors become one AVX-512 register or two AVX2 ones, other FMA contractions), so each
 build must pass the equivalence checks of ``tests/test_perf_equivalence.py`` with its tolerances
 (products and gradients ``atol 1e-5, rtol 1e-5``; evaluation and three training epochs
-``atol 1e-5``). A target is skipped when the C compiler is missing or cannot build it, or when this
-CPU cannot run it. Also: the compile cache keeps one file per target, and an unknown target is a
-one-line :class:`~virtualpatient.errors.UsageError`.
+``atol 1e-5``) and the hidden-layer checks of ``tests/test_hidden_layer.py`` with theirs. A target
+is skipped when the C compiler is missing or cannot build it, or when this CPU cannot run it.
+Also: the compile cache keeps one file per target, and an unknown target is a one-line
+:class:`~virtualpatient.errors.UsageError`.
 """
 
 from __future__ import annotations
 
 import pytest
+import test_hidden_layer as hl
 import test_perf_equivalence as eq
 import torch
 
-from virtualpatient import sparse
+from virtualpatient.engine import native, ops
 from virtualpatient.errors import UsageError
 
 TARGETS = ["native", "x86-64-v3", "x86-64-v4"]
@@ -31,7 +33,7 @@ def libraries(tmp_path_factory):
     built = {"cache": cache}
     try:
         for march in TARGETS:
-            built[march] = sparse._compile(march) if sparse.march_supported(march) else None
+            built[march] = native._compile(march) if native.march_supported(march) else None
     finally:
         mp.undo()
     return built
@@ -43,9 +45,9 @@ def target(request, libraries, monkeypatch):
     march = request.param
     if libraries[march] is None:
         pytest.skip(f"no {march} kernels here (no compiler for it, or this CPU cannot run it)")
-    monkeypatch.setattr(sparse, "_native", libraries[march])
-    monkeypatch.setattr(sparse, "_native_tried", True)
-    assert sparse.kernel_target() == march and sparse.kernels_available()
+    monkeypatch.setattr(native, "_native", libraries[march])
+    monkeypatch.setattr(native, "_native_tried", True)
+    assert native.kernel_target() == march and native.kernels_available()
     yield march
 
 
@@ -63,21 +65,29 @@ def test_fused_elementwise_steps_equal_torch(target):
     for act in ("relu", "tanh"):
         z = torch.randn(3, 21, 37, generator=gen) * 3
         bias = torch.randn(3, 21, generator=gen)
-        got, dgot = sparse.post_activation(z.clone(), act, 1.25, 0.5, bias, kind="native")
-        want, dwant = sparse.post_activation(z.clone(), act, 1.25, 0.5, bias, kind="torch")
+        got, dgot = ops.post_activation(z.clone(), act, 1.25, 0.5, bias, kind="native")
+        want, dwant = ops.post_activation(z.clone(), act, 1.25, 0.5, bias, kind="torch")
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
         if act == "relu":
             assert torch.equal(dgot, dwant)
         else:
             torch.testing.assert_close(dgot, dwant, atol=1e-6, rtol=0)
         g = torch.randn(3, 21, 37, generator=gen)
-        torch.testing.assert_close(sparse.pre_activation_grad(g.clone(), dgot, 1.25, "native"),
-                                   sparse.pre_activation_grad(g.clone(), dgot, 1.25, "torch"), atol=0, rtol=0)
+        torch.testing.assert_close(ops.pre_activation_grad(g.clone(), dgot, 1.25, "native"),
+                                   ops.pre_activation_grad(g.clone(), dgot, 1.25, "torch"), atol=0, rtol=0)
     h = torch.randn(2, 19, 35, generator=gen)
     draw = torch.randn(2, 35, 19, generator=gen)
-    torch.testing.assert_close(sparse.add_noise_t(h.clone(), draw.clone(), 0.5, 0.1, 1.5, 0.2, "native"),
-                               sparse.add_noise_t(h.clone(), draw.clone(), 0.5, 0.1, 1.5, 0.2, "torch"),
+    torch.testing.assert_close(ops.add_noise_t(h.clone(), draw.clone(), 0.5, 0.1, 1.5, 0.2, "native"),
+                               ops.add_noise_t(h.clone(), draw.clone(), 0.5, 0.1, 1.5, 0.2, "torch"),
                                atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_hidden_layer_equals_the_definition(target, activation):
+    """The fused hidden layer (forward, magnitudes, derivative, gradient) of this build equals
+    HiddenLayer.reference for every activation x modulation combination, with the tolerances of
+    tests/test_hidden_layer.py (bits for relu)."""
+    assert hl.check_fused_against_reference("native", activation) > 0
 
 
 def test_evaluation_equals_dense(target):
@@ -101,7 +111,7 @@ def test_cache_keeps_one_library_per_target(libraries, monkeypatch):
     assert [f for f in files if "_native_" in f] and [f for f in files if "_x86-64-v3_" in f]
     assert len(files) == sum(lib is not None for march, lib in libraries.items() if march != "cache")
     monkeypatch.setenv("VIRTUALPATIENT_CACHE", str(libraries["cache"]))
-    assert sparse._compile("x86-64-v3") is not None
+    assert native._compile("x86-64-v3") is not None
     assert sorted(p.name for p in folder.glob("*.so")) == files
 
 
@@ -110,9 +120,9 @@ def test_unknown_target_is_a_usage_error(monkeypatch, value):
     """VIRTUALPATIENT_MARCH outside MARCH_CHOICES is refused in one line naming the variable and the
     values it takes (also by sparse_setting, which the command line checks before any work)."""
     monkeypatch.setenv("VIRTUALPATIENT_MARCH", value)
-    for check in (sparse.march_setting, sparse.sparse_setting):
+    for check in (native.march_setting, native.sparse_setting):
         with pytest.raises(UsageError, match="VIRTUALPATIENT_MARCH must be one of native") as info:
             check()
         assert "\n" not in str(info.value) and repr(value) in str(info.value)
     monkeypatch.setenv("VIRTUALPATIENT_MARCH", " X86-64-V3 ")
-    assert sparse.march_setting() == "x86-64-v3"
+    assert native.march_setting() == "x86-64-v3"

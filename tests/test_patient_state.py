@@ -13,11 +13,13 @@ import math
 import pytest
 import torch
 
-from virtualpatient import PatientBatch, PatientSpec, Protocol, VirtualPatient, sparse
+from virtualpatient import PatientBatch, PatientSpec, Protocol, VirtualPatient
 from virtualpatient.assessments import ACUTE, assess
 from virtualpatient.assessments import biased as biased_test
 from virtualpatient.cohort import COVARIATES, Cohort, CohortConfig, Distribution
-from virtualpatient.network import BiasedNoise, Modulation, forward
+from virtualpatient.engine import ops
+from virtualpatient.engine.batched import forward
+from virtualpatient.network import BiasedNoise, Modulation
 from virtualpatient.patient import HISTORY_COLUMNS, RESULT_COLUMNS
 from virtualpatient.treatments import KetamineLike
 from virtualpatient.trial import COLUMNS
@@ -108,14 +110,14 @@ def test_uniform_per_patient_values_are_the_scalar_path_bit_for_bit(pruned):
     draw = torch.randn(3, 7, 5, generator=gen)
     for kind in ("native", "torch"):
         for act in ("relu", "tanh"):
-            h1, d1 = sparse.post_activation(z.clone(), act, 0.7, 0.1, kind=kind)
-            h2, d2 = sparse.post_activation(z.clone(), act, (0.7,) * 3, (0.1,) * 3, kind=kind)
+            h1, d1 = ops.post_activation(z.clone(), act, 0.7, 0.1, kind=kind)
+            h2, d2 = ops.post_activation(z.clone(), act, (0.7,) * 3, (0.1,) * 3, kind=kind)
             assert torch.equal(h1, h2) and torch.equal(d1, d2)
-            g1 = sparse.pre_activation_grad(h1.clone(), d1, 0.7, kind=kind)
-            g2 = sparse.pre_activation_grad(h1.clone(), d1, (0.7,) * 3, kind=kind)
+            g1 = ops.pre_activation_grad(h1.clone(), d1, 0.7, kind=kind)
+            g2 = ops.pre_activation_grad(h1.clone(), d1, (0.7,) * 3, kind=kind)
             assert torch.equal(g1, g2)
-        n1 = sparse.add_noise_t(z.clone(), draw.clone(), 0.3, 0.2, 0.7, 0.1, kind=kind)
-        n2 = sparse.add_noise_t(z.clone(), draw.clone(), (0.3,) * 3, 0.2, (0.7,) * 3, 0.1, kind=kind)
+        n1 = ops.add_noise_t(z.clone(), draw.clone(), 0.3, 0.2, 0.7, 0.1, kind=kind)
+        n2 = ops.add_noise_t(z.clone(), draw.clone(), (0.3,) * 3, 0.2, (0.7,) * 3, 0.1, kind=kind)
         assert torch.equal(n1, n2)
 
 

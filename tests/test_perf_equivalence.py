@@ -20,14 +20,15 @@ import numpy as np
 import pytest
 import torch
 
-from virtualpatient import network, sparse
-from virtualpatient.network import BiasedNoise, Modulation, NoiseSource, Params, engine_options
+from virtualpatient.engine import adam, batched, native, ops, settings
+from virtualpatient.engine.settings import engine_options
+from virtualpatient.network import BiasedNoise, Modulation, NoiseSource, Params
 from virtualpatient.protocol import StabiliserConfig
 
 STAB = StabiliserConfig()
 SIZES = (2, 24, 20, 12, 4)
 ALL_SPARSE = {"sparse_max_density": 1.0, "sparse_min_weights": 0}
-KINDS = ["native", "torch"] if sparse.kernels_available() else ["torch"]
+KINDS = ["native", "torch"] if native.kernels_available() else ["torch"]
 
 
 def _params(seed: int, n_patients: int = 3, keep: float = 0.3, sizes=SIZES) -> Params:
@@ -57,10 +58,10 @@ def test_sparse_product_and_gradients_equal_dense(kind, n):
     x = torch.randn(3, 24, n, generator=gen)
     g = torch.randn(3, 20, n, generator=gen)
 
-    pattern = sparse.Pattern(mask)
+    pattern = ops.Pattern(mask)
     values = pattern.gather(weight).requires_grad_(True)
     b1, x1 = bias.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    got = sparse.sparse_linear_t(pattern, values, b1, x1, kind)
+    got = ops.sparse_linear_t(pattern, values, b1, x1, kind)
     got.backward(g)
 
     w2, b2, x2 = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True), x.clone().requires_grad_(True)
@@ -72,7 +73,7 @@ def test_sparse_product_and_gradients_equal_dense(kind, n):
     torch.testing.assert_close(b1.grad, b2.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
     out = torch.empty_like(want)
-    torch.testing.assert_close(sparse.sparse_linear_t_out(pattern, values.detach(), bias, x, out, kind), want.detach(),
+    torch.testing.assert_close(ops.sparse_linear_t_out(pattern, values.detach(), bias, x, out, kind), want.detach(),
                                atol=1e-5, rtol=0)
 
 
@@ -80,7 +81,7 @@ def test_pattern_round_trip_and_offsets():
     """gather/scatter invert each other, masked entries come back exactly 0, offsets split patients."""
     params = _params(1)
     w, m = params.weights[1], params.masks[1]
-    pattern = sparse.Pattern(m)
+    pattern = ops.Pattern(m)
     values = pattern.gather(w)
     back = pattern.scatter(values, torch.full_like(w, 7.0))
     assert torch.equal(back, w) and torch.all(back[m == 0] == 0)
@@ -96,7 +97,7 @@ def test_dense_onednn_product_and_gradients_equal_baddbmm():
     b = torch.randn(2, 30, generator=gen, requires_grad=True)
     x = torch.randn(2, 40, 33, generator=gen, requires_grad=True)
     g = torch.randn(2, 30, 33, generator=gen)
-    got = sparse.dense_linear_t(w, b, x)
+    got = ops.dense_linear_t(w, b, x)
     grads = torch.autograd.grad(got, (w, b, x), g)
     want = torch.baddbmm(b.unsqueeze(2), w, x)
     wgrads = torch.autograd.grad(want, (w, b, x), g)
@@ -119,11 +120,11 @@ def test_engine_forward_equals_dense_forward(mod, biased):
         return NoiseSource([torch.Generator().manual_seed(10 + i) for i in range(3)])
 
     mags_dense: list[torch.Tensor] = []
-    want = network._forward_dense(params, x, mod, STAB, noise(), biased, mags_dense)
+    want = batched._forward_dense(params, x, mod, STAB, noise(), biased, mags_dense)
     for options in (ALL_SPARSE, {"sparse_backend": "off"}):
         with engine_options(**options):
             mags: list[torch.Tensor] = []
-            got = network.forward(params, x, mod, STAB, noise=noise(), biased=biased, magnitudes=mags)
+            got = batched.forward(params, x, mod, STAB, noise=noise(), biased=biased, magnitudes=mags)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
         for a, b in zip(mags, mags_dense):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
@@ -134,7 +135,7 @@ def _train(params, options, epochs=3, lr=1e-2, schedule=None, snapshots=()):
     x = torch.randn(params.n_patients, 96, 2, generator=gen) * 3
     y = torch.randint(0, 4, (params.n_patients, 96), generator=gen)
     with engine_options(**options):
-        snaps = network.train(params, x, y, epochs=epochs, lr=lr, batch_size=32,
+        snaps = batched.train(params, x, y, epochs=epochs, lr=lr, batch_size=32,
                               schedule=schedule or (lambda e: Modulation(gain=1.25, protection=0.5)), stab=STAB,
                               shuffle=[torch.Generator().manual_seed(20 + i) for i in range(params.n_patients)],
                               noise=NoiseSource([torch.Generator().manual_seed(30 + i)
@@ -179,7 +180,7 @@ def test_compressed_training_is_batching_invariant():
     for p in range(3):
         one = start.select([p])
         with engine_options(**ALL_SPARSE):
-            network.train(one, x[p:p + 1], y[p:p + 1], epochs=3, lr=1e-2, batch_size=32,
+            batched.train(one, x[p:p + 1], y[p:p + 1], epochs=3, lr=1e-2, batch_size=32,
                           schedule=lambda e: Modulation(gain=1.25, protection=0.5), stab=STAB,
                           shuffle=[torch.Generator().manual_seed(20 + p)],
                           noise=NoiseSource([torch.Generator().manual_seed(30 + p)]))
@@ -191,7 +192,7 @@ def test_compressed_training_is_batching_invariant():
 def test_batched_adam_equals_torch_adam_with_per_patient_rates_and_segments(fused, monkeypatch):
     """BatchedAdam (torch's fused kernel, or the eight-pass fallback of older torch) with two learning
     rates and a flat (segmented) tensor equals torch.optim.Adam run on each patient's slice alone."""
-    monkeypatch.setattr(network, "FUSED_ADAM", None if fused else False)
+    monkeypatch.setattr(adam, "FUSED_ADAM", None if fused else False)
     gen = torch.Generator().manual_seed(8)
     dense = torch.randn(3, 5, 4, generator=gen)
     flat = torch.randn(9, generator=gen)
@@ -199,7 +200,7 @@ def test_batched_adam_equals_torch_adam_with_per_patient_rates_and_segments(fuse
     lr = torch.tensor([1e-2, 3e-3, 1e-2])
     grads = [(torch.randn(3, 5, 4, generator=gen), torch.randn(9, generator=gen)) for _ in range(4)]
     t1, t2 = dense.clone(), flat.clone()
-    opt = network.BatchedAdam([t1, t2], lr, segments=[None, seg])
+    opt = adam.BatchedAdam([t1, t2], lr, segments=[None, seg])
     for g1, g2 in grads:
         opt.step([g1, g2])
     for p in range(3):
@@ -225,10 +226,10 @@ def test_eval_cache_follows_in_place_changes():
     params = _params(9)
     x = torch.randn(3, 20, 2, generator=torch.Generator().manual_seed(11))
     with engine_options(**ALL_SPARSE):
-        first = network.forward(params, x, Modulation(), STAB)
+        first = batched.forward(params, x, Modulation(), STAB)
         params.weights[1].mul_(2.0)
-        second = network.forward(params, x, Modulation(), STAB)
-    torch.testing.assert_close(second, network._forward_dense(params, x, Modulation(), STAB, None, None, None),
+        second = batched.forward(params, x, Modulation(), STAB)
+    torch.testing.assert_close(second, batched._forward_dense(params, x, Modulation(), STAB, None, None, None),
                                atol=1e-5, rtol=0)
     assert not torch.allclose(first, second)
 
@@ -251,8 +252,8 @@ def test_grouped_evaluation_equals_one_batch():
         noise = NoiseSource([torch.Generator().manual_seed(50 + i) for i in range(5)])
         mags: list[torch.Tensor] = []
         with engine_options(eval_max_bytes=max_bytes):
-            logits = network.forward(params, x, mod, STAB, noise=noise, biased=BiasedNoise(), magnitudes=mags)
-            groups = len(network._eval_nets(params, network.eval_group_size(40, SIZES)))
+            logits = batched.forward(params, x, mod, STAB, noise=noise, biased=BiasedNoise(), magnitudes=mags)
+            groups = len(batched._eval_nets(params, settings.eval_group_size(40, SIZES)))
         return logits, mags, groups
 
     one, one_mags, one_groups = run(2**30)

@@ -1,6 +1,6 @@
 """Training the live units only gives what training the whole masked network gives.
 
-:mod:`virtualpatient.reduction` folds constant units (no incoming weight) into the next layer's
+:mod:`virtualpatient.engine.reduction` folds constant units (no incoming weight) into the next layer's
 biases and leaves dead units (no path to the output) out. Mathematically nothing changes; float32
 sums run in another order, so weights after a few epochs agree to ``atol 1e-5`` (Adam steps of
 ``lr`` at most, as in ``test_perf_equivalence.py``). Dead units' weights and biases must come back
@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from virtualpatient import network, reduction, sparse
-from virtualpatient.network import Modulation, NoiseSource, Params, engine_options
+from virtualpatient.engine import batched, native, reduction
+from virtualpatient.engine.settings import engine_options
+from virtualpatient.network import Modulation, NoiseSource, Params
 from virtualpatient.protocol import StabiliserConfig
 
 STAB = StabiliserConfig()
 SIZES = (2, 24, 20, 12, 4)
-KINDS = ["native", "torch"] if sparse.kernels_available() else ["torch"]
+KINDS = ["native", "torch"] if native.kernels_available() else ["torch"]
 
 
 def _params(seed: int, n_patients: int = 3, keep: float = 0.5) -> Params:
@@ -47,7 +48,7 @@ def _train(params: Params, options: dict, schedule=None, snapshots=()) -> tuple[
     y = torch.randint(0, 4, (params.n_patients, 96), generator=gen)
     schedule = schedule or (lambda e: Modulation(gain=1.25, protection=0.5))
     with engine_options(**options):
-        snaps = network.train(params, x, y, epochs=3, lr=1e-2, batch_size=32, schedule=schedule, stab=STAB,
+        snaps = batched.train(params, x, y, epochs=3, lr=1e-2, batch_size=32, schedule=schedule, stab=STAB,
                               shuffle=[torch.Generator().manual_seed(20 + i) for i in range(params.n_patients)],
                               noise=NoiseSource([torch.Generator().manual_seed(30 + i)
                                                  for i in range(params.n_patients)]),
@@ -76,7 +77,7 @@ def test_the_test_networks_are_reduced():
     roles = reduction.unit_roles(params.masks)
     assert all(min(c) > 0 for c in roles.count("constant")[:2])
     assert all(min(c) > 0 for c in roles.count("dead")[1:])
-    net = network._Net(params, reduce=True)
+    net = batched._Net(params, reduce=True)
     assert net.reduction is not None and net.reduction.work_fraction() < 0.8
 
 
@@ -117,7 +118,7 @@ def test_reduced_training_is_batching_invariant():
         gen = torch.Generator().manual_seed(5)
         x = torch.randn(3, 96, 2, generator=gen)[p:p + 1] * 3
         y = torch.randint(0, 4, (3, 96), generator=gen)[p:p + 1]
-        network.train(one, x, y, epochs=3, lr=1e-2, batch_size=32,
+        batched.train(one, x, y, epochs=3, lr=1e-2, batch_size=32,
                       schedule=lambda e: Modulation(gain=1.25, protection=0.5), stab=STAB,
                       shuffle=[torch.Generator().manual_seed(20 + p)])
         for a, b in zip(one.weights + one.biases, together.weights + together.biases):
@@ -135,6 +136,6 @@ def test_noisy_training_keeps_the_full_network():
     off, _ = _train(start.clone(), {"reduce_units": False}, schedule)
     for a, b in zip(on.weights + on.biases, off.weights + off.biases):
         assert torch.equal(a, b)
-    net = network._Net(start, reduce=True)
+    net = batched._Net(start, reduce=True)
     with pytest.raises(ValueError, match="without internal noise"):
         net.logits_t(torch.zeros(3, 2, 4), Modulation(noise_sigma=0.1), STAB, None)

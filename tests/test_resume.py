@@ -21,7 +21,7 @@ import pytest
 
 from virtualpatient import ClinicalTrial, load_study
 from virtualpatient.cli import main
-from virtualpatient.store import RunStore, RunStoreError
+from virtualpatient.store import RunStore, RunStoreError, code_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,6 +233,24 @@ def test_resume_with_other_code_warns(study, reference, tmp_path, capsys):
     assert main(_cli(study, out)) == 0
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"virtualpatient: warning: {out}: resumed by other code") and "0123456789abcdef" in line
+
+
+def test_code_hash_covers_python_and_the_c_kernels(tmp_path):
+    """The source hash of a run's manifest changes with any .py file of the package and with the
+    engine's C kernels (engine/kernels/*.c), not with other files beside them."""
+    package = Path(__file__).resolve().parents[1] / "virtualpatient"
+    copy = tmp_path / "virtualpatient"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert code_hash(copy) == code_hash()
+    kernels = sorted((copy / "engine" / "kernels").glob("*.c"))
+    assert kernels
+    seen = {code_hash(copy)}
+    for path, text in ((kernels[0], "/* changed */\n"), (copy / "engine" / "ops.py", "# changed\n")):
+        path.write_text(path.read_text() + text)
+        seen.add(code_hash(copy))
+    (copy / "engine" / "kernels" / "README").write_text("not source")
+    seen.add(code_hash(copy))
+    assert len(seen) == 3
 
 
 def test_cohort_grows_on_resume(study, reference, tmp_path):

@@ -134,13 +134,14 @@ def _plan(args: argparse.Namespace):
 
 def _execute(args: argparse.Namespace, plan):
     """Size, announce and run a plan's levels; return the results table and the run folder."""
-    from virtualpatient import limits, sparse
+    from virtualpatient import limits
     from virtualpatient.distributed import default_workers
+    from virtualpatient.engine import native
     from virtualpatient.store import CodeChangedWarning
     from virtualpatient.sweeps import run_sweep
     from virtualpatient.trial import ClinicalTrial
 
-    sparse.sparse_setting()  # a bad environment switch is refused before any work
+    native.sparse_setting()  # a bad environment switch is refused before any work
     protocol = plan.protocol
     if protocol.device == "cuda":
         _check_cuda("--device cuda" if args.device else f"{args.study or 'the protocol'}: device")

@@ -31,6 +31,7 @@ import torch
 from virtualpatient import network, plasticity
 from virtualpatient.assessments import ACUTE, assess
 from virtualpatient.cohort import COVARIATES, PatientSpec, check_covariates
+from virtualpatient.engine import batched
 from virtualpatient.network import BiasedNoise, Modulation, NoiseSource, Params
 from virtualpatient.schema import COLUMNS
 from virtualpatient.task import TaskData, make_task_data, stack_task_data
@@ -214,7 +215,7 @@ class PatientBatch:
         mod = self.modulation
         nominal = schedule or (lambda epoch: mod)
         schedule = lambda epoch: self.effective_modulation(nominal(epoch))  # noqa: E731
-        return network.train(
+        return batched.train(
             self.params, self.data.train_x, self.data.train_y, epochs=epochs,
             lr=self.learning_rates(lr, scale_lr), batch_size=self.protocol.baseline.batch_size,
             schedule=schedule, stab=self.protocol.stabiliser, shuffle=self.generators(stream),
@@ -266,14 +267,14 @@ class PatientBatch:
             noise = self.noise(noise_stream)
         if input_sd > 0:
             x = x + input_sd * noise(x.shape, x.device)
-        return network.accuracy(self.params, x, y, mod, self.protocol.stabiliser, noise=noise, biased=biased)
+        return batched.accuracy(self.params, x, y, mod, self.protocol.stabiliser, noise=noise, biased=biased)
 
     @torch.no_grad()
     def activation_magnitude(self, mod: Modulation | None = None) -> torch.Tensor:
         """Mean ``|act(W h + b) * damping * gain|`` over hidden layers, standard set, no noise (fact 6)."""
         mod = self.effective_modulation((mod or self.modulation).replace(noise_sigma=0.0, protection=0.0))
         mags: list[torch.Tensor] = []
-        network.forward(self.params, self.data.standard_x, mod, self.protocol.stabiliser, magnitudes=mags)
+        batched.forward(self.params, self.data.standard_x, mod, self.protocol.stabiliser, magnitudes=mags)
         return torch.stack(mags).mean(0)
 
     # -- persistence -------------------------------------------------------------------------

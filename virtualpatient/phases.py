@@ -780,7 +780,7 @@ class Maintain(Phase):
                     ctx.guard(group, f"{self.label} ({d} epochs)",
                               lambda run=run, d=d: run.train(d, lr, stream, on_epoch=tick))
                     snaps[d] = run.params
-            # every duration x patient as one batch (one evaluation call per test; network.forward
+            # every duration x patient as one batch (one evaluation call per test; engine.batched.forward
             # splits a batch too large for EngineConfig.eval_max_bytes); each row keeps its noise stream
             n = len(on)
             repeat = list(range(n)) * len(durations)

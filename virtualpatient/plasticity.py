@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from virtualpatient.network import Modulation, Params, batch_loss, epoch_batches, gather_batch
+from virtualpatient.engine.batched import batch_loss, epoch_batches, gather_batch
+from virtualpatient.network import Modulation, Params
 
 if TYPE_CHECKING:
     from virtualpatient.protocol import StabiliserConfig

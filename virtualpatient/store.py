@@ -121,13 +121,18 @@ def environment() -> dict[str, Any]:
             "platform": platform.platform()}
 
 
-def code_hash() -> str:
-    """A short hash of this package's source files (tells apart uncommitted versions of the code)."""
+#: The suffixes of the package's source files: Python and the engine's C kernels (``engine/kernels/*.c``).
+SOURCE_SUFFIXES = (".py", ".c", ".h")
+
+
+def code_hash(package: Path | None = None) -> str:
+    """A short hash of this package's source files, Python and C (tells apart uncommitted versions of
+    the code); ``package`` is another copy's folder (for tests)."""
     import hashlib
 
     digest = hashlib.sha256()
-    package = Path(__file__).resolve().parent
-    for path in sorted(package.rglob("*.py")):
+    package = Path(__file__).resolve().parent if package is None else package
+    for path in sorted(p for p in package.rglob("*") if p.suffix in SOURCE_SUFFIXES and p.is_file()):
         digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 

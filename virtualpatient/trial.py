@@ -29,8 +29,8 @@ from typing import Any
 
 import pandas as pd
 
-from virtualpatient import network
 from virtualpatient.cohort import COVARIATES, Cohort, PatientSpec
+from virtualpatient.engine import settings
 from virtualpatient.patient import PatientBatch
 from virtualpatient.phases import (  # DISCONTINUED: re-exported for benchmarks/bench_levers.py
     DISCONTINUED,
@@ -131,7 +131,7 @@ def _baseline_payloads(protocol_data: dict, spec_data: list[dict],
                        engine: dict | None = None) -> list[dict[str, Any]]:
     """Process-safe entry point: plain data in (the driver's engine settings among them), plain data out."""
     protocol = Protocol.from_dict(protocol_data)
-    with network.engine_options(**(engine or {})):
+    with settings.engine_options(**(engine or {})):
         return run_baseline(protocol, [PatientSpec.from_dict(s) for s in spec_data])
 
 
@@ -139,7 +139,7 @@ def _arm_payloads(protocol_data: dict, arm: str, states: list[dict],
                   engine: dict | None = None) -> list[dict[str, Any]]:
     """Process-safe entry point: the protocol as a dict, the spine's payloads and the driver's engine
     settings in; rows and weights out."""
-    with network.engine_options(**(engine or {})):
+    with settings.engine_options(**(engine or {})):
         return run_arm(Protocol.from_dict(protocol_data), arm, states)
 
 
@@ -299,7 +299,7 @@ class ClinicalTrial:
         data = self.protocol.to_dict()
         # the engine settings travel with every unit as a value: a worker process never sees the
         # driver's module state (engine_options in the driver applies to the workers too)
-        engine = dataclasses.asdict(network.ENGINE)
+        engine = dataclasses.asdict(settings.ENGINE)
         pending: dict[Future, tuple[str, list[PatientSpec]]] = {}
         for chunk in self._chunks(todo_base):
             fut = self.executor.submit(_baseline_payloads, data, [s.to_dict() for s in chunk], engine)

@@ -9,7 +9,7 @@ the per-sample products without changing a single result beyond float rounding:
   matrix-vector product instead of a matrix-matrix one.
 * **dead** units reach the output through no unmasked weight (directly, or only through other
   dead units). Their activations never matter and their gradients are exactly zero, so Adam, fresh
-  for every :func:`~virtualpatient.network.train` call, leaves their weights where they are.
+  for every :func:`~virtualpatient.engine.batched.train` call, leaves their weights where they are.
 
 Everything else is **live**. A magnitude-pruned network at 95 % sparsity keeps about 11 % of
 its dense products this way (most hidden units of the first layer are constant: the 2 -> 512 layer

@@ -1,0 +1,440 @@
+"""The engine's operations, without autograd: one layer's products and a hidden layer's fused steps.
+
+Compressed masked layers: the unmasked weights of P patients as one block-diagonal CSR matrix.
+
+After the lesion a layer keeps 5 % of its weights (47.5 % after ketamine-like regrowth), and the
+masks never change during training (fact 8: "the mask is then locked"). Storing only the unmasked
+weights, and multiplying with them directly, does a twentieth of the dense work at 95 % sparsity.
+
+Layout
+------
+Activations travel *transposed*, ``[P, units, n]`` (the ``n`` samples contiguous), so one row of the
+input is a contiguous run of ``n`` floats and a sparse row times the input is a sum of scaled
+contiguous rows (vectorised over samples). The P patients' masks form one block-diagonal CSR
+matrix of shape ``[P * out, P * in]``: row ``p * out + r`` holds patient ``p``'s unit ``r``. The
+values of all patients are one flat tensor, patient by patient, so patient ``p``'s values are the
+contiguous slice ``offsets[p]:offsets[p + 1]``.
+
+For a layer ``z = W h + b`` with ``W`` given by the pattern and ``values``:
+
+* forward: ``z[r, :] = b[r] + sum_k values[k] * h[col[k], :]`` (SpMM);
+* input gradient: ``dh = W^T dz`` (SpMM with the transposed pattern, values permuted);
+* value gradient: ``dvalues[k] = sum_s dz[row[k], s] * h[col[k], s]`` (sampled dense-dense product:
+  only the unmasked entries of the dense ``dz h^T`` are computed), which is exactly the dense weight
+  gradient at the unmasked positions; masked positions have no value and so can never revive.
+
+Each output entry is a sum over its own row only, in a fixed order, so a patient's numbers do not
+depend on which patients it is batched with.
+
+Kernels
+-------
+``native``: the C kernels of :mod:`virtualpatient.engine.native` (``kernels/products.c``: the
+three products; ``kernels/elementwise.c``: the elementwise steps of a hidden layer fused into
+single passes, :func:`post_activation`, :func:`pre_activation_grad`, :func:`add_noise_t`, whose
+order :mod:`virtualpatient.engine.hidden` defines). ``torch``: ``torch.sparse`` CSR products and
+torch elementwise ops (any device, slower on CPU). :func:`~virtualpatient.engine.native.backend`
+chooses (``VIRTUALPATIENT_SPARSE``).
+
+Dense layers (the ketamine-like arm's 52.5 % dense ones) use one oneDNN matmul per patient on CPU
+(:func:`dense_forward`, :func:`dense_backward`): MKL's batched matmul runs its AVX2 code on AMD
+CPUs, oneDNN its AVX-512 code (1.8x faster here; docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from virtualpatient.engine import native
+
+__all__ = [
+    "Pattern",
+    "add_noise_t",
+    "dense_backward",
+    "dense_forward",
+    "dense_linear_t",
+    "onednn_available",
+    "post_activation",
+    "pre_activation_grad",
+    "scale_shift_",
+    "sparse_backward",
+    "sparse_forward",
+    "sparse_linear_t",
+    "sparse_linear_t_out",
+]
+
+
+def _rowwise(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 2-D tensor whose rows are contiguous runs (a copy only when needed)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+# --------------------------------------------------------------------------------------------
+# The pattern
+# --------------------------------------------------------------------------------------------
+class Pattern:
+    """The block-diagonal CSR structure of P stacked masks ``[P, out, in]`` (and its transpose).
+
+    Attributes
+    ----------
+    ptr, col
+        CSR row pointers ``[P * out + 1]`` and global column indices ``[nnz]`` (patient ``p``'s
+        column ``c`` is ``p * in + c``), row-major order, patient by patient.
+    row
+        Global row of every entry ``[nnz]``.
+    flat
+        Position of every entry in the flattened ``[P, out, in]`` weight tensor.
+    ptr_t, row_t, perm_t
+        The transpose: pointers over the ``P * in`` columns, the row of each entry and the entry's
+        index into ``values``.
+    offsets
+        ``[P + 1]``: patient ``p``'s values are ``values[offsets[p]:offsets[p + 1]]``.
+    """
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        if mask.ndim != 3:
+            raise ValueError(f"a mask must be [P, out, in], got shape {tuple(mask.shape)}")
+        p, n_out, n_in = mask.shape
+        self.n_patients, self.n_out, self.n_in = p, n_out, n_in
+        self.device = mask.device
+        flat = (mask.reshape(-1) != 0).nonzero().flatten()
+        self.flat = flat
+        self.nnz = flat.numel()
+        row = flat // n_in                               # global row p * out + r
+        col = (flat // (n_out * n_in)) * n_in + flat % n_in   # global column p * in + c
+        self.row, self.col = row, col
+        self.ptr = _pointers(row, p * n_out)
+        order = torch.argsort(col * (p * n_out) + row)   # column-major order of the entries
+        self.perm_t = order
+        self.row_t = row[order].contiguous()
+        self.ptr_t = _pointers(col, p * n_in)
+        counts = torch.bincount(flat // (n_out * n_in), minlength=p)
+        self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
+        self._csr: torch.Tensor | None = None
+
+    @property
+    def density(self) -> float:
+        """Largest per-patient share of unmasked entries."""
+        per = [b - a for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+        return max(per) / (self.n_out * self.n_in)
+
+    def gather(self, weight: torch.Tensor) -> torch.Tensor:
+        """The unmasked entries of ``weight`` ``[P, out, in]`` as a flat ``[nnz]`` tensor (a copy)."""
+        return weight.reshape(-1).index_select(0, self.flat)
+
+    def scatter(self, values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Write ``values`` into ``out`` ``[P, out, in]`` in place; masked entries become exactly 0."""
+        with torch.no_grad():
+            out.zero_()
+            out.view(-1).index_copy_(0, self.flat, values.detach().to(out.dtype))
+        return out
+
+    def patient_slices(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """Per-patient views of ``values``."""
+        return [values[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+
+def _pointers(keys: torch.Tensor, n: int) -> torch.Tensor:
+    counts = torch.bincount(keys, minlength=n)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+# --------------------------------------------------------------------------------------------
+# Layer primitives (no autograd): compressed and dense, forward and backward
+# --------------------------------------------------------------------------------------------
+def _csr(pattern: Pattern, values: torch.Tensor, transpose: bool) -> torch.Tensor:
+    shape = (pattern.n_patients * pattern.n_out, pattern.n_patients * pattern.n_in)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        if transpose:
+            return torch.sparse_csr_tensor(pattern.ptr_t, pattern.row_t, values[pattern.perm_t], size=shape[::-1])
+        return torch.sparse_csr_tensor(pattern.ptr, pattern.col, values, size=shape)
+
+
+def sparse_forward(pattern: Pattern, values: torch.Tensor, bias: torch.Tensor | None, xt: torch.Tensor,
+                   out: torch.Tensor | None = None, kind: str = "native", transpose: bool = False) -> torch.Tensor:
+    """``W xt + b`` (or ``W^T xt`` with ``transpose``) for ``xt`` ``[P, in, n]`` -> ``[P, out, n]``.
+
+    ``W`` is given by ``pattern`` and the flat ``values``; ``bias`` is ``[P, out]`` (ignored with
+    ``transpose``). Writes into ``out`` (contiguous) when given. No autograd.
+    """
+    rows = pattern.n_in if transpose else pattern.n_out
+    n = xt.shape[-1]
+    shape = (pattern.n_patients, rows, n)
+    if out is None:
+        out = torch.empty(shape, dtype=xt.dtype, device=xt.device)
+    x2 = _rowwise(xt)
+    values = values.detach()
+    if kind == "native" and native.usable(values, x2, out) and out.is_contiguous():
+        y2 = out.view(-1, n)
+        if transpose:
+            native.spmm(pattern.ptr_t, pattern.row_t, values.contiguous(), pattern.perm_t, None, x2, y2, rows,
+                         pattern.n_patients)
+        else:
+            b = None if bias is None else bias.detach().contiguous()
+            native.spmm(pattern.ptr, pattern.col, values.contiguous(), None, b, x2, y2, rows, pattern.n_patients)
+        return out
+    y = _csr(pattern, values, transpose) @ x2
+    if bias is not None and not transpose:
+        y = y + bias.detach().reshape(-1, 1)
+    return out.copy_(y.view(shape))
+
+
+def sparse_backward(pattern: Pattern, values: torch.Tensor, gz: torch.Tensor, xt: torch.Tensor,
+                    need_input: bool = True, out: torch.Tensor | None = None,
+                    kind: str = "native") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of ``z = W xt + b`` given ``gz = dL/dz``: ``(d values, d bias, d xt or None)``.
+
+    ``d values[k] = sum_s gz[row_k, s] xt[col_k, s]`` (the dense weight gradient at the unmasked
+    positions, computed only there), ``d xt = W^T gz``.
+    """
+    g2, x2 = _rowwise(gz), _rowwise(xt)
+    if kind == "native" and native.usable(g2, x2):
+        gvalues = torch.empty(pattern.nnz, dtype=gz.dtype, device=gz.device)
+        gbias = torch.empty((pattern.n_patients, pattern.n_out), dtype=gz.dtype, device=gz.device)
+        native.sddmm(pattern.ptr, pattern.col, g2, x2, gvalues, gbias, pattern.n_out, pattern.n_patients)
+    else:
+        zeros = torch.zeros(pattern.nnz, dtype=gz.dtype, device=gz.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            gvalues = torch.sparse.sampled_addmm(_csr(pattern, zeros, False), g2, x2.t(), beta=0.0).values()
+        gbias = g2.sum(1).view(pattern.n_patients, pattern.n_out)
+    gx = sparse_forward(pattern, values, None, gz, out, kind, transpose=True) if need_input else None
+    return gvalues, gbias, gx
+
+
+def _onednn_works() -> bool:
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        a, b = torch.randn(3, 4), torch.randn(5, 4)
+        return bool(torch.allclose(op(a, b, None, "none", [], ""), a @ b.t(), atol=1e-5))
+    except (AttributeError, RuntimeError):  # pragma: no cover - torch built without oneDNN
+        return False
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether oneDNN matmuls work in this torch build (checked once, on first use)."""
+    return torch.backends.mkldnn.is_available() and _onednn_works()
+
+
+def _mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """``a @ b_t.T`` for 2-D float32 CPU tensors through oneDNN's matmul (AVX-512 on any x86 vendor)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
+
+
+def _use_onednn(*tensors: torch.Tensor) -> bool:
+    return onednn_available() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def dense_forward(weight: torch.Tensor, bias: torch.Tensor, xt: torch.Tensor,
+                  out: torch.Tensor | None = None, onednn: bool = True) -> torch.Tensor:
+    """``W xt + b`` for ``xt`` ``[P, in, n]`` -> ``[P, out, n]`` (no autograd).
+
+    On CPU one oneDNN matmul per patient (MKL's batched matmul runs its AVX2 code on AMD CPUs;
+    oneDNN's AVX-512 code was 2.2x faster per product here, docs/performance.md), else ``baddbmm``.
+    """
+    weight, bias = weight.detach(), bias.detach()
+    if not (onednn and _use_onednn(weight, xt)):
+        return torch.baddbmm(bias.unsqueeze(2), weight, xt, out=out) if out is not None else \
+            torch.baddbmm(bias.unsqueeze(2), weight, xt)
+    parts = [_mm(w, x.t()) for w, x in zip(weight, xt)]  # [out, in] @ [in, n]
+    z = torch.stack(parts, out=out) if out is not None else torch.stack(parts)
+    return z.add_(bias.unsqueeze(2))
+
+
+def dense_backward(weight: torch.Tensor, gz: torch.Tensor, xt: torch.Tensor, need_input: bool = True,
+                   out: torch.Tensor | None = None,
+                   onednn: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of ``z = W xt + b``: ``(d W = gz xt^T, d b, d xt = W^T gz or None)``."""
+    weight = weight.detach()
+    gz, xt = gz.contiguous(), xt.contiguous()
+    gbias = gz.sum(2)
+    if not (onednn and _use_onednn(weight, gz, xt)):
+        gw = torch.bmm(gz, xt.transpose(1, 2))
+        gx = None
+        if need_input:
+            gx = torch.bmm(weight.transpose(1, 2), gz, out=out) if out is not None else \
+                torch.bmm(weight.transpose(1, 2), gz)
+        return gw, gbias, gx
+    gw = torch.stack([_mm(g, x) for g, x in zip(gz, xt)])  # [out, n] @ [n, in]
+    gx = None
+    if need_input:  # W^T gz as (gz^T W)^T: oneDNN reads both operands where they lie, as it does in
+        # the forward; given W^T as a strided view it copies it first (2x slower on 512 x 512, on
+        # AVX-512 and AVX2 alike: bench_levers --only flops). The same sums in the same order: the
+        # same bits (checked on AVX-512 and AVX2, square and odd live-block shapes).
+        parts = [_mm(g.t(), w.t()).t() for g, w in zip(gz, weight)]
+        gx = torch.stack(parts, out=out) if out is not None else torch.stack(parts)
+    return gw, gbias, gx
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd wrappers (for use outside the engine's own training loop)
+# --------------------------------------------------------------------------------------------
+class _SparseLinearT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, bias, xt, pattern, kind):
+        ctx.save_for_backward(values, xt)
+        ctx.pattern, ctx.kind = pattern, kind
+        return sparse_forward(pattern, values, bias, xt, kind=kind)
+
+    @staticmethod
+    def backward(ctx, gz):
+        values, xt = ctx.saved_tensors
+        gvalues, gbias, gx = sparse_backward(ctx.pattern, values, gz, xt, ctx.needs_input_grad[2], kind=ctx.kind)
+        return gvalues, gbias, gx, None, None
+
+
+def sparse_linear_t(pattern: Pattern, values: torch.Tensor, bias: torch.Tensor, xt: torch.Tensor,
+                    kind: str = "native") -> torch.Tensor:
+    """``W xt + b`` for transposed activations ``xt`` ``[P, in, n]`` -> ``[P, out, n]``, differentiable.
+
+    ``W`` is given by ``pattern`` and the flat ``values``; ``bias`` is ``[P, out]``. ``kind`` is
+    ``"native"`` or ``"torch"`` (see :func:`backend`).
+    """
+    if kind not in ("native", "torch"):
+        raise ValueError(f"kind must be native or torch, got {kind!r}")
+    return _SparseLinearT.apply(values, bias, xt, pattern, kind)
+
+
+def sparse_linear_t_out(pattern: Pattern, values: torch.Tensor, bias: torch.Tensor, xt: torch.Tensor,
+                        out: torch.Tensor, kind: str = "native") -> torch.Tensor:
+    """As :func:`sparse_linear_t`, without autograd, into ``out`` ``[P, out, n]``."""
+    return sparse_forward(pattern, values, bias, xt, out, kind)
+
+
+class _DenseLinearT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, bias, xt):
+        ctx.save_for_backward(weight, xt)
+        return dense_forward(weight, bias, xt)
+
+    @staticmethod
+    def backward(ctx, gz):
+        weight, xt = ctx.saved_tensors
+        gw, gb, gx = dense_backward(weight, gz, xt, ctx.needs_input_grad[2])
+        return gw, gb, gx
+
+
+def dense_linear_t(weight: torch.Tensor, bias: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+    """``W xt + b`` for transposed activations ``xt`` ``[P, in, n]`` -> ``[P, out, n]``, differentiable."""
+    return _DenseLinearT.apply(weight, bias, xt)
+
+
+# --------------------------------------------------------------------------------------------
+# Fused elementwise steps of the training loop
+# --------------------------------------------------------------------------------------------
+def _varies(*values: float | tuple[float, ...]) -> bool:
+    """Whether any of these scalars is one value per patient (a tuple)."""
+    return any(isinstance(v, tuple) for v in values)
+
+
+def _at(value: float | tuple[float, ...], i: int) -> float:
+    return value[i] if isinstance(value, tuple) else value
+
+
+def post_activation(z: torch.Tensor, activation: str, scale: float | tuple[float, ...],
+                    shift: float | tuple[float, ...], bias: torch.Tensor | None = None,
+                    deriv: torch.Tensor | None | bool = None,
+                    kind: str = "native") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """In place on ``z`` ``[P, units, n]``: ``h = act(z [+ bias]) * scale - shift`` (each step only when it
+    changes something), returning ``(h, deriv)`` where ``deriv`` is ``not h <= 0`` (bool, relu) or
+    ``1 - tanh^2`` (float) for the backward pass (``deriv=False``: not wanted). One pass with the
+    native kernels, else torch ops in the same order (the same numbers, except that the native
+    tanh is a rational approximation within 3e-7 of the exact one, 7x faster than ``torch.tanh``).
+
+    ``scale`` and ``shift`` are floats, or tuples of one float per patient: then each patient's
+    slice is computed by the same call with its own floats (what it computes alone)."""
+    relu = activation == "relu"
+    shape = z.shape
+    if deriv is None:
+        deriv = torch.empty(shape, dtype=torch.bool if relu else z.dtype, device=z.device)
+    elif deriv is False:
+        deriv = None
+    if _varies(scale, shift):
+        for i in range(shape[0]):
+            post_activation(z[i:i + 1], activation, _at(scale, i), _at(shift, i),
+                            None if bias is None else bias[i:i + 1], False if deriv is None else deriv[i:i + 1], kind)
+        return z, deriv
+    if kind == "native" and native.usable(z) and z.is_contiguous() and (deriv is None or deriv.is_contiguous()):
+        rows = shape[0] * shape[1]
+        b = None if bias is None else bias.detach().contiguous()
+        native.post(z, b, deriv, rows, shape[2], 0 if relu else 1, scale, shift)
+        return z, deriv
+    if bias is not None:
+        z.add_(bias.detach().unsqueeze(2))
+    if relu:
+        z.relu_()
+        if deriv is not None:
+            torch.le(z, 0, out=deriv).logical_not_()
+    else:
+        z.tanh_()
+        if deriv is not None:
+            torch.mul(z, z, out=deriv).neg_().add_(1.0)
+    if scale != 1.0:
+        z.mul_(scale)
+    if shift:
+        z.sub_(shift)
+    return z, deriv
+
+
+def add_noise_t(h: torch.Tensor, draw: torch.Tensor, sigma: float | tuple[float, ...],
+                add: float | tuple[float, ...] = 0.0, scale: float | tuple[float, ...] = 1.0,
+                shift: float | tuple[float, ...] = 0.0, kind: str = "native") -> torch.Tensor:
+    """In place on ``h`` ``[P, units, n]``: ``((h + sigma * draw^T) + add) * scale - shift`` for noise
+    ``draw`` ``[P, n, units]`` (drawn in the dense path's order); ``add`` 0, ``scale`` 1, ``shift`` 0
+    are no-ops. ``draw`` may be overwritten.
+
+    Any of the four may be a tuple of one float per patient: each patient's slice is then computed
+    with its own floats, and a patient with ``sigma`` and ``add`` 0 gets only ``* scale - shift``
+    (what it computes alone, where it has no noise term)."""
+    if _varies(sigma, add, scale, shift):
+        for i in range(h.shape[0]):
+            s, a = _at(sigma, i), _at(add, i)
+            if s == 0 and a == 0:
+                scale_shift_(h[i:i + 1], _at(scale, i), _at(shift, i))
+            else:
+                add_noise_t(h[i:i + 1], draw[i:i + 1], s, a, _at(scale, i), _at(shift, i), kind)
+        return h
+    if kind == "native" and native.usable(h, draw) and h.is_contiguous() and draw.is_contiguous():
+        native.noise_t(h, draw, sigma, add, scale, shift)
+        return h
+    h.add_(draw.mul_(sigma).transpose(1, 2))
+    if add:
+        h.add_(add)
+    if scale != 1.0:
+        h.mul_(scale)
+    if shift:
+        h.sub_(shift)
+    return h
+
+
+def scale_shift_(h: torch.Tensor, scale: float | tuple[float, ...], shift: float | tuple[float, ...]) -> torch.Tensor:
+    """In place: ``h * scale - shift`` (two roundings; scale 1 and shift 0 skipped), per patient for tuples."""
+    if _varies(scale, shift):
+        for i in range(h.shape[0]):
+            scale_shift_(h[i:i + 1], _at(scale, i), _at(shift, i))
+        return h
+    if scale != 1.0:
+        h.mul_(scale)
+    if shift:
+        h.sub_(shift)
+    return h
+
+
+def pre_activation_grad(g: torch.Tensor, deriv: torch.Tensor, scale: float | tuple[float, ...],
+                        kind: str = "native") -> torch.Tensor:
+    """In place: the gradient through :func:`post_activation`, ``g * scale * act'`` (``scale`` per
+    patient when a tuple)."""
+    if _varies(scale):
+        for i in range(g.shape[0]):
+            pre_activation_grad(g[i:i + 1], deriv[i:i + 1], scale[i], kind)
+        return g
+    if kind == "native" and native.usable(g) and g.is_contiguous() and deriv.is_contiguous():
+        native.pre_grad(g, deriv, scale)
+        return g
+    if scale != 1.0:
+        g.mul_(scale)
+    return g.masked_fill_(~deriv, 0.0) if deriv.dtype == torch.bool else g.mul_(deriv)
