@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads of this process when --workers 1 (default 1: a second thread only "
                              "helps when a core is idle, and costs a lot when it is not)")
     parser.add_argument("--patients-per-unit", type=int,
-                        help="patients trained together per unit (default: all, or patients / workers)")
+                        help="patients trained together per unit (default: trial.UNIT_PATIENTS, as the command)")
     parser.add_argument("--eval-max-mib", type=int,
                         help="largest evaluation buffer in MiB (EngineConfig.eval_max_bytes; default 256)")
     parser.add_argument("--out", type=Path, help="run folder (default: in memory, nothing written)")
@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     if changes:
         protocol = protocol.replace(**changes)
     _setup(args.threads, args.eval_max_mib)
-    per_unit = args.patients_per_unit or max(1, -(-protocol.n_patients // max(1, args.workers)))
+    from virtualpatient.trial import UNIT_PATIENTS
+
+    per_unit = args.patients_per_unit or min(UNIT_PATIENTS, protocol.n_patients)  # as the command
 
     executor = None
     if args.workers > 1:

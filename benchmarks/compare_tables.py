@@ -35,7 +35,7 @@ def main() -> int:
 
     results = pd.read_csv(args.run_dir / "results.csv")
     protocol = json.loads((args.run_dir / "protocol.json").read_text())
-    ours = compare_published(results, protocol).set_index(KEY)
+    ours = compare_published(results, protocol=protocol).set_index(KEY)
     ref = pd.read_csv(args.reference).set_index(KEY)
     both = ref[["mean", "sd"]].join(ours[["mean", "sd"]], rsuffix="_ours", how="left")
     equal = total = 0

@@ -221,3 +221,23 @@ def test_engine_settings_travel_with_the_units(study, tmp_path):
     assert later == settings.EngineConfig().eval_max_bytes // 4
     reference = ClinicalTrial(load_study(study), patients_per_unit=3, progress=False).run()
     pd.testing.assert_frame_equal(frame, reference, check_exact=False, rtol=1e-6, atol=1e-6)
+
+
+def test_unit_size_never_follows_the_core_count(study, tmp_path, monkeypatch, capsys):
+    """The default unit holds trial.UNIT_PATIENTS patients (all when fewer), with or without a pool
+    and for any --workers: batching changes the last bits of the numbers, so a unit size taken from
+    the machine's cores would make results.csv depend on the machine."""
+    from virtualpatient import trial as trial_module
+    from virtualpatient.protocol import Protocol
+
+    assert ClinicalTrial(Protocol().replace(n_patients=12), progress=False).patients_per_unit == trial_module.UNIT_PATIENTS
+    assert ClinicalTrial(Protocol().replace(n_patients=3), progress=False).patients_per_unit == 3
+    seen = []
+    real_run = trial_module.ClinicalTrial.run
+    monkeypatch.setattr(trial_module.ClinicalTrial, "run", lambda self, out=None: seen.append(self.patients_per_unit)
+                        or real_run(self, out))
+    for workers in ("1", "2"):
+        assert main(["reproduce", "--study", str(study), "--out", str(tmp_path / workers), "--workers", workers,
+                     "--no-progress"]) == 0
+    capsys.readouterr()
+    assert len(seen) == 2 and seen[0] == seen[1]

@@ -158,9 +158,9 @@ def _execute(args: argparse.Namespace, plan):
     if args.scheduler is None and args.workers is None:
         # a run estimated under a minute stays in this process: starting workers costs seconds each
         args.workers = 1 if sized(1, args.patients_per_unit).seconds < 60 else default_workers()
+    # None: ClinicalTrial's fixed default (trial.UNIT_PATIENTS), never a size from the core count,
+    # which would make the numbers depend on the machine
     per_unit = args.patients_per_unit
-    if per_unit is None and args.scheduler is None and args.workers > 1:
-        per_unit = -(-protocol.n_patients // args.workers)  # every worker busy from the first units on
     est = sized(args.workers or 1, per_unit)
     if est.worth_saying or not est.fits:
         print(f"estimate: {est.describe()}", flush=True)

@@ -48,8 +48,8 @@ from virtualpatient.protocol import Protocol
 from virtualpatient.schema import COLUMNS, SCHEDULE_COLUMNS
 from virtualpatient.store import RunStore
 
-__all__ = ["COLUMNS", "DISCONTINUED", "SCHEDULE_COLUMNS", "ClinicalTrial", "TrainingDivergedError", "run_arm",
-           "run_baseline"]
+__all__ = ["COLUMNS", "DISCONTINUED", "SCHEDULE_COLUMNS", "UNIT_PATIENTS", "ClinicalTrial", "TrainingDivergedError",
+           "run_arm", "run_baseline"]
 
 Tick = Callable[[int], None] | None
 
@@ -144,6 +144,14 @@ def _arm_payloads(protocol_data: dict, arm: str, states: list[dict],
 
 
 # -- the trial -------------------------------------------------------------------------------
+#: Patients trained together in one unit of work by default. A fixed number, never one derived
+#: from the machine's cores: how patients are batched changes the last bits of their numbers (a
+#: vectorised elementwise kernel rounds a tensor's tail differently from its body), so a fixed size
+#: keeps ``results.csv`` independent of the core count. Five is the size the stored 10-patient
+#: reference tables were made with (two units per arm, so two workers stay busy).
+UNIT_PATIENTS = 5
+
+
 class ClinicalTrial:
     """Run a study: a cohort, its arms and its schedule, into a tidy results table.
 
@@ -161,8 +169,9 @@ class ClinicalTrial:
         any :class:`concurrent.futures.Executor` (a process pool, or Dask's
         ``client.get_executor(pure=False)``) runs them there.
     patients_per_unit
-        How many patients train together in one batched unit (default: all of them; smaller
-        chunks spread over more workers and lose less on interruption).
+        How many patients train together in one batched unit (default :data:`UNIT_PATIENTS`, or
+        all of them when fewer; smaller units spread over more workers and lose less on
+        interruption, but change the last bits of the numbers).
     progress
         Show a progress bar (patient-epochs) on standard error.
 
@@ -199,7 +208,7 @@ class ClinicalTrial:
             protocol = protocol.replace(regimens=regimens)
         self.protocol = protocol
         self.executor = executor
-        self.patients_per_unit = patients_per_unit or protocol.n_patients
+        self.patients_per_unit = patients_per_unit or min(UNIT_PATIENTS, protocol.n_patients)
         self.progress = progress
         self.cohort = Cohort.from_config(
             protocol.cohort, protocol.n_patients, protocol.seed,
