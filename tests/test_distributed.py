@@ -230,7 +230,8 @@ def test_unit_size_never_follows_the_core_count(study, tmp_path, monkeypatch, ca
     from virtualpatient import trial as trial_module
     from virtualpatient.protocol import Protocol
 
-    assert ClinicalTrial(Protocol().replace(n_patients=12), progress=False).patients_per_unit == trial_module.UNIT_PATIENTS
+    twelve = ClinicalTrial(Protocol().replace(n_patients=12), progress=False)
+    assert twelve.patients_per_unit == trial_module.UNIT_PATIENTS
     assert ClinicalTrial(Protocol().replace(n_patients=3), progress=False).patients_per_unit == 3
     seen = []
     real_run = trial_module.ClinicalTrial.run
