@@ -881,12 +881,14 @@ class CliffResult(ResultsBase):
         )
 
 
-def _rates(wide: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """Rates of change of the column means (NaN-aware) between adjacent levels; leading axes kept."""
+def _rates(wide: np.ndarray, levels: np.ndarray, scale: str = "rate") -> np.ndarray:
+    """Changes of the column means (NaN-aware) between adjacent levels, divided by the level spacing
+    for ``scale = "rate"``; leading axes kept."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         means = np.nanmean(wide, axis=-2)
-    return np.diff(means, axis=-1) / np.diff(levels)
+    change = np.diff(means, axis=-1)
+    return change / np.diff(levels) if scale == "rate" else change
 
 
 def cliff(
@@ -899,6 +901,8 @@ def cliff(
     *,
     where: Mapping[str, object] | None = None,
     direction: str = "decrease",
+    scale: str = "rate",
+    before: float | None = None,
     confidence: float = 0.95,
     n_resamples: int = 1000,
     seed: int = 0,
@@ -921,6 +925,15 @@ def cliff(
     results, level, metric, condition, phase, arm, where
         As in :func:`level_summary`.
     direction : {"decrease", "increase"}
+    scale : {"rate", "change"}
+        ``"rate"`` (default): the change of the mean divided by the level spacing, located at the
+        interval's centre. ``"change"``: the change itself, located at the level it lands on: the
+        family's rule (Ch02 fact 9: "the level with the largest fall in combined accuracy from the
+        previous level"), which uneven level spacings make different from the steepest rate.
+    before : float, optional
+        With ``scale = "change"``: the value taken before the first level, so the first level's own
+        fall counts too (Ch02 fact 9: 100 % before the unpruned level); ``level_from`` is then NaN
+        for that interval.
     confidence : float
     n_resamples : int
         Bootstrap resamples (0: no intervals).
@@ -941,6 +954,10 @@ def cliff(
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if scale not in ("rate", "change"):
+        raise ValueError(f"scale must be 'rate' or 'change', got {scale!r}")
+    if before is not None and (scale != "change" or not np.isfinite(before)):
+        raise ValueError("before needs scale = 'change' and a finite value")
     if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 0:
         raise ValueError(f"n_resamples must be a non-negative int, got {n_resamples!r}")
     conf = _check_confidence(confidence)
@@ -972,24 +989,27 @@ def cliff(
             "note": "",
         }
         rows.append(row)
+        if before is not None:
+            wide = np.concatenate([np.full((n_pat, 1), float(before)), wide], axis=1)
+            levels = np.concatenate([[np.nan], levels])
         if len(levels) < 2:
             row["note"] = "needs at least 2 levels"
             continue
-        rates = _rates(wide, levels)
+        rates = _rates(wide, levels, scale)
         i = int(np.argmax(sign * rates))
-        centres = (levels[:-1] + levels[1:]) / 2.0
+        centres = (levels[:-1] + levels[1:]) / 2.0 if scale == "rate" else levels[1:]
         row.update(
             level_from=levels[i],
             level_to=levels[i + 1],
             location=centres[i],
-            change=rates[i] * (levels[i + 1] - levels[i]),
+            change=rates[i] * (levels[i + 1] - levels[i]) if scale == "rate" else rates[i],
             rate=rates[i],
         )
         if sign * rates[i] <= 0:
             row["note"] = f"no {direction} between any adjacent levels"
         if n_resamples and n_pat >= 2:
             pick = rng.integers(0, n_pat, size=(n_resamples, n_pat))
-            brates = _rates(wide[pick], levels)  # resamples x intervals
+            brates = _rates(wide[pick], levels, scale)  # resamples x intervals
             ok = np.all(np.isfinite(brates), axis=1)
             brates = brates[ok]
             if len(brates) >= 2:

@@ -264,3 +264,27 @@ def test_bad_input_raises_naming_the_problem(mutate, kwargs, exc, match):
     for fn in (dr.level_summary, dr.trend_test, dr.fit_logistic, dr.cliff):
         with pytest.raises(exc, match=match):
             fn(bad, **args)
+
+
+def test_cliff_as_the_largest_fall_with_a_value_before_the_first_level():
+    """Ch02 fact 9: with scale = "change" the cliff is the level with the largest fall of the mean
+    from the previous level, located at that level, not the steepest rate (uneven spacing tells them
+    apart); with before = 100 the first level's own fall from 100 counts too."""
+    import pandas as pd
+
+    from analysis.dose_response import cliff
+
+    levels = [0.0, 0.5, 0.9, 0.95]
+    means = [90.0, 70.0, 50.0, 40.0]  # falls 20 (over 0.5), 20 (over 0.4), 10 (over 0.05)
+    rows = [{"patient": p, "arm": "a", "metric": "accuracy", "x": lv, "value": m + d}
+            for p, d in enumerate([-1.0, 1.0]) for lv, m in zip(levels, means)]
+    df = pd.DataFrame(rows)
+    steepest = cliff(df, "x", "accuracy", n_resamples=0).table.iloc[0]
+    assert (steepest.level_from, steepest.level_to) == (0.9, 0.95)  # rate -200 per unit
+    fall = cliff(df, "x", "accuracy", scale="change", n_resamples=0).table.iloc[0]
+    assert (fall.level_to, fall.location, fall.change) == (0.5, 0.5, -20.0)  # first of the two equal falls
+    first = cliff(df.assign(value=df.value - 15), "x", "accuracy", scale="change", before=100.0,
+                  n_resamples=0).table.iloc[0]
+    assert np.isnan(first.level_from) and first.level_to == 0.0 and first.change == -25.0
+    with pytest.raises(ValueError, match="before needs"):
+        cliff(df, "x", "accuracy", before=100.0)
