@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from virtualpatient import PatientBatch, PatientSpec, VirtualPatient
-from virtualpatient.network import Modulation, forward
+from virtualpatient.engine.batched import forward
+from virtualpatient.network import Modulation
 from virtualpatient.protocol import TaskConfig
 from virtualpatient.task import make_task_data
 from virtualpatient.treatments import NeurosteroidLike
