@@ -67,7 +67,8 @@ def test_run_that_cannot_fit_in_memory_is_refused_without_yes(tmp_path, capsys):
     command prints its estimate and refuses before creating the run folder."""
     path = tmp_path / "huge.toml"
     path.write_text('name = "huge"\nn_patients = 10000\n')
-    assert main(["reproduce", "--study", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert main(["reproduce", "--study", str(path), "--out", str(tmp_path / "out"), "--patients-per-unit", "10000",
+                 "--no-progress"]) == 2
     captured = capsys.readouterr()
     assert "estimate: peak memory about" in captured.out
     (line,) = captured.err.strip().splitlines()
