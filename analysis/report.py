@@ -748,11 +748,17 @@ def _replication_section(df: pd.DataFrame, protocol: dict) -> list[_Block]:
 
 
 def is_paper_schedule(df: pd.DataFrame) -> bool:
-    """Whether a run's rows come from the paper's schedule (only its phases), so the paper's tables
-    and claims apply; a schedule the paper never had gets trajectories instead."""
+    """Whether a run's rows come from the paper's schedule (only its phases, each once per arm: no
+    row labelled apart from its phase), so the paper's tables and claims apply; a schedule the
+    paper never had gets trajectories instead."""
     from virtualpatient.schema import PAPER_PHASES
 
-    return set(df["phase"]) <= set(PAPER_PHASES)
+    if not set(df["phase"]) <= set(PAPER_PHASES):
+        return False
+    if "label" not in df:  # written before schedules: the paper's course
+        return True
+    labels = df["label"]
+    return bool((labels.isna() | (labels.astype(str) == df["phase"].astype(str))).all())
 
 
 #: Trajectories a schedule's report shows: (title, metric, condition).
@@ -797,16 +803,51 @@ def _schedule_section(df: pd.DataFrame, out_dir: Path) -> list[_Block]:
         plt.close(fig)
         blocks.append(_Block("figure", f"{title} per arm over trial time, mean and 95 % CI.", image=png, name=name))
     relapsed = df[df["metric"] == "relapsed"]
-    if not relapsed.empty:
-        ever = relapsed.groupby(["arm", "patient"])["value"].max().groupby("arm")
-        rows = []
-        for arm, v in ever:
-            k, n = int(v.sum()), int(v.size)
-            lo, hi = wilson_ci(k, n)
-            rows.append([display_name(arm), f"{k} / {n}", _interval(100 * lo, 100 * hi, 0)])
-        blocks += [_Block("h3", "Relapse"), _Block("p", "Patients judged relapsed at any wash-out of the arm "
-                                                       "(Wilson 95 % CI, percent)."),
-                   _Block("table", header=["arm", "relapsed", "95 % CI"], rows=rows)]
+    if relapsed.empty:
+        return blocks
+    washouts = relapsed[relapsed["phase"] == "washout"]
+    if "label" in df and washouts.groupby("arm")["label"].nunique().gt(1).any():
+        return [*blocks, *_washouts_section(df)]
+    ever = relapsed.groupby(["arm", "patient"])["value"].max().groupby("arm")
+    rows = []
+    for arm, v in ever:
+        k, n = int(v.sum()), int(v.size)
+        lo, hi = wilson_ci(k, n)
+        rows.append([display_name(arm), f"{k} / {n}", _interval(100 * lo, 100 * hi, 0)])
+    blocks += [_Block("h3", "Relapse"), _Block("p", "Patients judged relapsed at any wash-out of the arm "
+                                                   "(Wilson 95 % CI, percent)."),
+               _Block("table", header=["arm", "relapsed", "95 % CI"], rows=rows)]
+    return blocks
+
+
+def _washouts_section(df: pd.DataFrame) -> list[_Block]:
+    """Several wash-outs of the same networks (labels, e.g. one per decay rate): relapse per arm and
+    wash-out, and the arms' ranking under each with paired tests (``summaries.relapse_ranking``)."""
+    from analysis.summaries import relapse_probability, relapse_ranking
+
+    rp = relapse_probability(df, by_label=True)
+    rank = relapse_ranking(df)
+    blocks = [
+        _Block("h3", "Relapse after each wash-out"),
+        _Block("p", "Each wash-out label washes out the same maintained networks (a probe on a copy). "
+                    "Relapse probability: the share of patient x maintenance duration judged relapsed "
+                    "(Table 4's measure), Wilson 95 % CI; per patient: mean ± SD of the patients' own shares."),
+        _Block("table", header=["arm", "wash-out", "relapsed / n", "probability (%)", "95 % Wilson CI (%)",
+                                "per patient (%)"], rows=[
+            [display_name(r["arm"]), r["label"], f"{int(r['relapsed'])}/{int(r['n'])}", fmt_num(r["probability"], 1),
+             _interval(r["conf_int_low"], r["conf_int_high"], 1),
+             f"{fmt_num(r['patient_mean'], 1)} ± {fmt_num(r['patient_sd'], 1)}"] for _, r in rp.frame.iterrows()]),
+        _Block("h3", "Relapse ranking per wash-out"),
+        _Block("p", "Arms from least to most relapse under each wash-out; each adjacent pair compared on the "
+                    "same patients (two-sided Wilcoxon signed-rank on the per-patient relapse percentages). "
+                    + "; ".join(f"{label}: {' < '.join(' = '.join(display_name(a) for a in g) for g in order)}"
+                                for label, order in rank.orders.items()) + "."),
+        _Block("table", header=["wash-out", "pair", "relapse (%)", "per-patient difference", "n", "p"], rows=[
+            [r["label"], f"{display_name(r['lower'])} {r['relation']} {display_name(r['higher'])}",
+             f"{fmt_num(r['lower_probability'], 1)} vs {fmt_num(r['higher_probability'], 1)}",
+             fmt_num(r["difference"], 1), str(int(r["n_patients"])), fmt_p(r["pvalue"])]
+            for _, r in rank.frame.iterrows()]),
+    ]
     return blocks
 
 

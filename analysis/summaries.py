@@ -22,9 +22,11 @@ from analysis._results import FrameResults, fmt_num, frame_to_text
 __all__ = [
     "Description",
     "RelapseProbability",
+    "RelapseRanking",
     "bootstrap_ci",
     "describe",
     "relapse_probability",
+    "relapse_ranking",
     "t_ci",
 ]
 
@@ -297,9 +299,10 @@ class RelapseProbability(FrameResults):
     confidence : float
     """
 
-    def __init__(self, frame: pd.DataFrame, confidence: float, by_duration: bool) -> None:
+    def __init__(self, frame: pd.DataFrame, confidence: float, by_duration: bool, by_label: bool = False) -> None:
         super().__init__(frame, confidence)
         self.by_duration = by_duration
+        self.by_label = by_label
 
     def summary(self) -> str:
         """Paper-style text table of relapse probabilities and Wilson intervals."""
@@ -307,6 +310,8 @@ class RelapseProbability(FrameResults):
         rows = []
         for _, r in self.frame.iterrows():
             row = {"arm": r["arm"]}
+            if self.by_label:
+                row["wash-out"] = r["label"]
             if self.by_duration:
                 row["maintenance"] = f"{r['maintenance_epochs']:g}"
             row.update(
@@ -330,7 +335,7 @@ class RelapseProbability(FrameResults):
 
 
 def relapse_probability(
-    results: pd.DataFrame, *, by_duration: bool = False, confidence: float = 0.95
+    results: pd.DataFrame, *, by_duration: bool = False, by_label: bool = False, confidence: float = 0.95
 ) -> RelapseProbability:
     """Share of relapses per arm with Wilson score intervals.
 
@@ -344,6 +349,10 @@ def relapse_probability(
         The tidy results table.
     by_duration : bool
         One row per arm and maintenance duration instead of per arm.
+    by_label : bool
+        One row per arm and wash-out ``label`` (e.g. a schedule that washes the same maintained
+        networks out at several rates, ``studies/washout_counterfactual.toml``) instead of pooling
+        every wash-out of an arm.
     confidence : float
         Confidence level (default 0.95).
 
@@ -364,16 +373,13 @@ def relapse_probability(
 
     df = check_results(results)
     confidence = _check_confidence(confidence)
-    if not isinstance(by_duration, bool):
-        raise TypeError("by_duration must be True or False")
-    rel = df[(df["phase"] == "washout") & (df["metric"] == "relapsed")]
-    if rel.empty:
-        raise ValueError("results have no wash-out 'relapsed' rows to count")
-    bad = ~rel["value"].isin([0.0, 1.0])
-    if bad.any():
-        raise ValueError(f"'relapsed' must be 0 or 1; found {sorted(rel.loc[bad, 'value'])[:5]}")
+    if not isinstance(by_duration, bool) or not isinstance(by_label, bool):
+        raise TypeError("by_duration and by_label must be True or False")
+    rel = _relapsed_rows(df)
+    if by_label and "label" not in rel:
+        raise ValueError("by_label: results have no 'label' column (written before schedules)")
     arms = [a for a in arm_order(df) if a in set(rel["arm"])]
-    keys = ["arm", "maintenance_epochs"] if by_duration else ["arm"]
+    keys = ["arm", *(["label"] if by_label else []), *(["maintenance_epochs"] if by_duration else [])]
     records = []
     for key, grp in rel.groupby(keys, sort=True):
         key = key if isinstance(key, tuple) else (key,)
@@ -398,11 +404,134 @@ def relapse_probability(
         records.append(rec)
     frame = pd.DataFrame.from_records(records)
     rank = {a: i for i, a in enumerate(arms)}
-    sort_cols = ["_r", "maintenance_epochs"] if by_duration else ["_r"]
     frame = (
         frame.assign(_r=frame["arm"].map(rank))
-        .sort_values(sort_cols, kind="stable")
+        .sort_values(["_r", *keys[1:]], kind="stable")
         .drop(columns="_r")
         .reset_index(drop=True)
     )
-    return RelapseProbability(frame, confidence, by_duration)
+    return RelapseProbability(frame, confidence, by_duration, by_label)
+
+
+def _relapsed_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The wash-out ``relapsed`` verdicts (0 or 1), or ValueError."""
+    rel = df[(df["phase"] == "washout") & (df["metric"] == "relapsed")]
+    if rel.empty:
+        raise ValueError("results have no wash-out 'relapsed' rows to count")
+    bad = ~rel["value"].isin([0.0, 1.0])
+    if bad.any():
+        raise ValueError(f"'relapsed' must be 0 or 1; found {sorted(rel.loc[bad, 'value'])[:5]}")
+    return rel
+
+
+class RelapseRanking(FrameResults):
+    """The arms' relapse ranking under each wash-out, with paired tests (from :func:`relapse_ranking`).
+
+    Attributes
+    ----------
+    frame : pandas.DataFrame
+        One row per wash-out ``label`` and pair of arms adjacent in that wash-out's order:
+        ``label``, ``lower`` and ``higher`` (arms, ``lower`` relapsing less), ``lower_probability``
+        and ``higher_probability`` (percent of patient x duration), ``difference`` (mean over patients
+        of the per-patient difference in relapse percent, higher minus lower), ``n_patients``,
+        ``statistic`` and ``pvalue`` (two-sided Wilcoxon signed-rank on the per-patient percentages;
+        ``pvalue`` 1 when every patient ties).
+        ``relation`` is ``"<"``, or ``"="`` where the two probabilities tie.
+    orders : dict
+        ``label -> tuple`` of groups of arms, least relapse first; arms whose probabilities tie
+        share a group.
+    """
+
+    def __init__(self, frame: pd.DataFrame, orders: dict[str, tuple[tuple[str, ...], ...]]) -> None:
+        super().__init__(frame, 0.95)
+        self.orders = orders
+
+    def same_order(self, reference: str) -> dict[str, bool]:
+        """For each wash-out label, whether its ranking equals the ``reference`` label's."""
+        if reference not in self.orders:
+            raise ValueError(f"no wash-out labelled {reference!r}; labels: {', '.join(self.orders)}")
+        return {label: order == self.orders[reference] for label, order in self.orders.items()}
+
+    def summary(self) -> str:
+        """Per wash-out: the arms from least to most relapse, and each adjacent pair's paired test."""
+        from analysis._results import fmt_p
+
+        rows = [{
+            "wash-out": r["label"],
+            "pair": f"{r['lower']} {r['relation']} {r['higher']}",
+            "relapse (%)": f"{fmt_num(r['lower_probability'], 1)} vs {fmt_num(r['higher_probability'], 1)}",
+            "per-patient diff": fmt_num(r["difference"], 1),
+            "n": int(r["n_patients"]),
+            "p (Wilcoxon)": fmt_p(r["pvalue"]),
+        } for _, r in self.frame.iterrows()]
+        orders = "\n".join(f"  {label}: {' < '.join(' = '.join(g) for g in order)}"
+                           for label, order in self.orders.items())
+        return f"Relapse ranking per wash-out (least relapse first)\n{orders}\n{frame_to_text(pd.DataFrame(rows))}"
+
+
+def relapse_ranking(results: pd.DataFrame) -> RelapseRanking:
+    """Rank the arms by relapse after each wash-out and test each adjacent pair on the same patients.
+
+    The question of ``studies/washout_counterfactual.toml``: the paper's relapse ranking rests on
+    decay rates set per arm a priori (fact 14); does it survive when every arm washes out equally
+    fast? Each wash-out ``label`` ranks the arms by their relapse probability (Table 4's measure:
+    the share of patient x maintenance duration that relapsed); each pair adjacent in that order is
+    compared on the patients' own relapse percentages, paired by patient because every arm treats
+    the same patients (two-sided Wilcoxon signed-rank, ``zsplit`` for ties).
+
+    Parameters
+    ----------
+    results : pandas.DataFrame
+        The tidy results table, with wash-out ``relapsed`` rows and a ``label`` column.
+
+    Returns
+    -------
+    RelapseRanking
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> rows = [dict(patient=p, arm=a, phase="washout", metric="relapsed", condition="", noise_sigma=float("nan"),
+    ...              maintenance_epochs=d, step=50.0, value=float(v), label=lab)
+    ...         for lab, rates in {"fast": {"a": 1, "b": 0}, "slow": {"a": 0, "b": 0}}.items()
+    ...         for a, v in rates.items() for p in range(4) for d in (25.0, 50.0)]
+    >>> r = relapse_ranking(pd.DataFrame(rows))
+    >>> r.orders["fast"], r.same_order("fast")
+    ((('b',), ('a',)), {'fast': True, 'slow': False})
+    """
+    from scipy.stats import wilcoxon
+
+    df = check_results(results)
+    rel = _relapsed_rows(df)
+    if "label" not in rel:
+        raise ValueError("results have no 'label' column (written before schedules)")
+    arms = [a for a in arm_order(df) if a in set(rel["arm"])]
+    if len(arms) < 2:
+        raise ValueError(f"a ranking needs at least two arms with wash-outs, got {arms}")
+    orders: dict[str, tuple[tuple[str, ...], ...]] = {}
+    records = []
+    for label, grp in rel.groupby("label", sort=True):
+        per = grp.pivot_table(index="patient", columns="arm", values="value", aggfunc="mean") * 100.0
+        prob = grp.groupby("arm")["value"].mean() * 100.0
+        order = sorted((a for a in arms if a in prob.index), key=lambda a: (prob[a], arms.index(a)))
+        groups: list[list[str]] = []
+        for a in order:
+            if groups and math.isclose(prob[a], prob[groups[-1][0]], abs_tol=1e-9):
+                groups[-1].append(a)
+            else:
+                groups.append([a])
+        orders[str(label)] = tuple(tuple(g) for g in groups)
+        for lower, higher in zip(order[:-1], order[1:]):
+            both = per[[lower, higher]].dropna()
+            diff = both[higher] - both[lower]
+            if (diff == 0).all():
+                stat, p = 0.0, 1.0
+            else:
+                res = wilcoxon(both[higher], both[lower], zero_method="zsplit")
+                stat, p = float(res.statistic), float(res.pvalue)
+            relation = "=" if math.isclose(prob[lower], prob[higher], abs_tol=1e-9) else "<"
+            records.append(dict(label=str(label), lower=lower, relation=relation, higher=higher,
+                                lower_probability=float(prob[lower]),
+                                higher_probability=float(prob[higher]), difference=float(diff.mean()),
+                                n_patients=len(both), statistic=stat, pvalue=p))
+    return RelapseRanking(pd.DataFrame.from_records(records), orders)

@@ -19,7 +19,7 @@ from analysis.stats import (
     paired_values,
     rank_biserial,
 )
-from analysis.summaries import bootstrap_ci, describe, relapse_probability, t_ci
+from analysis.summaries import bootstrap_ci, describe, relapse_probability, relapse_ranking, t_ci
 from analysis.synthetic import make_results
 
 NAN = float("nan")
@@ -134,6 +134,64 @@ def test_relapse_probability_wilson_interval_by_formula():
     by = relapse_probability(df, by_duration=True).frame
     assert len(by) == 3 * 6 and set(by["n"]) == {6}
     assert "Wilson" in relapse_probability(df).summary()
+
+
+def _washouts(rates: dict[str, dict[str, float]], n_patients: int = 12, seed: int = 3) -> pd.DataFrame:
+    """Wash-out verdicts of several labels: arm a relapses with probability rates[label][a] after
+    each of 6 durations of each patient."""
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame([
+        dict(patient=p, arm=a, phase="washout", metric="relapsed", condition="", noise_sigma=np.nan,
+             maintenance_epochs=float(d), step=50.0, value=float(rng.random() < q), label=label)
+        for label, per_arm in rates.items() for a, q in per_arm.items()
+        for p in range(n_patients) for d in (25, 50, 100, 150, 200, 300)])
+
+
+def test_relapse_probability_by_label_counts_each_washout_apart():
+    """by_label: one row per arm and wash-out label, each counting only its own verdicts."""
+    df = _washouts({"own": {"ketamine": 0.1, "ssri": 0.9}, "equal": {"ketamine": 0.5, "ssri": 0.5}})
+    rp = relapse_probability(df, by_label=True).frame.set_index(["arm", "label"])
+    for (arm, label), r in rp.iterrows():
+        vals = df.loc[(df["arm"] == arm) & (df["label"] == label), "value"]
+        assert r["relapsed"] == vals.sum() and r["n"] == len(vals) == 72
+    assert len(rp) == 4
+    with pytest.raises(ValueError, match="label"):
+        relapse_probability(df.drop(columns="label"), by_label=True)
+
+
+def test_relapse_ranking_recovers_a_planted_order_and_its_wilcoxon_matches_scipy():
+    """A planted order (ketamine < neurosteroid < ssri under 'own', reversed under 'fast') is what
+    the ranking reports; the adjacent pairs' p-values equal scipy's Wilcoxon on per-patient shares;
+    same_order says which labels keep the reference's ranking."""
+    df = _washouts({"own": {"ketamine": 0.05, "ssri": 0.9, "neurosteroid": 0.4},
+                    "fast": {"ketamine": 0.9, "ssri": 0.05, "neurosteroid": 0.4}})
+    r = relapse_ranking(df)
+    assert r.orders["own"] == (("ketamine",), ("neurosteroid",), ("ssri",))
+    assert r.orders["fast"] == (("ssri",), ("neurosteroid",), ("ketamine",))
+    assert r.same_order("own") == {"fast": False, "own": True}
+    per = df.pivot_table(index=["label", "patient"], columns="arm", values="value", aggfunc="mean") * 100
+    for _, row in r.frame.iterrows():
+        sub = per.loc[row["label"]]
+        ref = sps.wilcoxon(sub[row["higher"]], sub[row["lower"]], zero_method="zsplit")
+        assert row["pvalue"] == pytest.approx(ref.pvalue, rel=1e-12)
+        assert row["difference"] == pytest.approx((sub[row["higher"]] - sub[row["lower"]]).mean())
+    assert (r.frame["pvalue"] < 0.05).all()  # 12 patients, planted gaps of 0.35-0.5
+    assert "ketamine < neurosteroid < ssri" in r.summary()
+
+
+def test_relapse_ranking_reports_ties_and_refuses_bad_input():
+    """Equal probabilities are a tie ('='), with p = 1 when every patient ties; one arm or no labels
+    is refused with a message."""
+    df = _washouts({"never": {"ketamine": 0.0, "ssri": 0.0}})
+    r = relapse_ranking(df)
+    assert r.orders["never"] == (("ketamine", "ssri"),)
+    assert r.frame.loc[0, "relation"] == "=" and r.frame.loc[0, "pvalue"] == 1.0
+    with pytest.raises(ValueError, match="two arms"):
+        relapse_ranking(df[df["arm"] == "ketamine"])
+    with pytest.raises(ValueError, match="label"):
+        relapse_ranking(df.drop(columns="label"))
+    with pytest.raises(ValueError, match="no 'label'|unknown|reference|labelled"):
+        r.same_order("nope")
 
 
 # ----------------------------------------------------------------------------- paired tests

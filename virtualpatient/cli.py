@@ -218,7 +218,10 @@ def per_arm_summary(results, by: list[str] | tuple[str, ...] = ()) -> str:
     table = plain.pivot_table(index=keys, columns="condition", values="value", aggfunc="mean")
     table.insert(0, "patients", results.groupby(keys)["patient"].nunique())
     relapsed = results[results["metric"] == "relapsed"]
-    if not relapsed.empty:
+    if "label" in relapsed and relapsed["label"].nunique() > 1:  # several wash-outs: one column each
+        for label, rows in relapsed.groupby("label", sort=False):
+            table[f"relapsed % {str(label).removesuffix('/washout')}"] = rows.groupby(keys)["value"].mean() * 100
+    elif not relapsed.empty:
         table["relapsed %"] = relapsed.groupby(keys)["value"].mean() * 100
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.max_rows", 60):
         return table.round(1).to_string()
