@@ -52,7 +52,8 @@ def _run(runs, study: str) -> pd.DataFrame:
     return runs[study]
 
 
-@pytest.mark.parametrize("study", ["sequencing", "taper", "second_episode", "family/chronic_stress"])
+@pytest.mark.parametrize("study", ["sequencing", "taper", "second_episode", "family/chronic_stress",
+                                   "washout_counterfactual"])
 def test_example_study_ships_valid(study):
     """The shipped file loads with its own sizes (10 patients) and a schedule of its own."""
     protocol = Protocol.from_dict(tomllib.loads((STUDIES / f"{study}.toml").read_text()), source=study)
@@ -139,3 +140,35 @@ def test_report_of_a_new_schedule_shows_trajectories_not_the_papers_tables(runs,
     relapse = text[text.index("### Relapse"):]
     assert all(f"| {name} |" in relapse for name in regimens)
     assert any(p.name.startswith("trajectory_") for p in (tmp_path / "run" / "figures").iterdir())
+
+
+def test_washout_counterfactual_washes_the_same_networks_out_at_every_rate(tmp_path):
+    """Each arm's maintained networks are washed out once per label (own rate, 0.002, 0.008, 0.015,
+    0.03), each from full protection on a copy of the same state: one verdict per patient, duration
+    and label, and the protection left after the steps is exactly 1 - steps x that label's rate.
+    The report ranks the arms per wash-out and leaves the paper's pooled tables out."""
+    from analysis.report import is_paper_schedule, write_report
+    from analysis.summaries import relapse_ranking
+
+    protocol = tiny("washout_counterfactual")
+    df = ClinicalTrial(protocol, progress=False).run(out=tmp_path / "run")
+    assert not is_paper_schedule(df)
+    steps = protocol.longitudinal.washout_steps
+    labels = {"own": None, "decay_0.002": 0.002, "decay_0.008": 0.008, "decay_0.015": 0.015, "decay_0.03": 0.03}
+    verdicts = df[df.metric == "relapsed"]
+    protection = df[(df.metric == "protection")]
+    for arm in ("ketamine", "ssri", "neurosteroid"):
+        for label, rate in labels.items():
+            rate = protocol.arms[arm].washout_decay if rate is None else rate
+            rows = verdicts[(verdicts.arm == arm) & (verdicts.label == f"{label}/washout")]
+            assert len(rows) == protocol.n_patients * len(protocol.longitudinal.durations)
+            p = protection[(protection.arm == arm) & (protection.label == f"{label}/washout")]
+            assert np.allclose(p[p.step == 0].value, 1.0)
+            assert np.allclose(p[p.step == steps].value, max(0.0, 1.0 - steps * rate))
+    assert set(relapse_ranking(df).orders) == {f"{label}/washout" for label in labels}
+    text = write_report(tmp_path / "run", n_resamples=99).read_text()
+    assert "### Relapse ranking per wash-out" in text and "qualitative claims" not in text
+    from virtualpatient.cli import per_arm_summary
+
+    summary = per_arm_summary(df)
+    assert "relapsed % own" in summary and "relapsed % decay_0.03" in summary
