@@ -183,7 +183,6 @@ def test_each_mode_sweeps_one_field_at_a_time():
 
 @pytest.mark.parametrize(("name", "n_levels", "columns"), [
     ("pruning_cliff", 20, ["pruning.fraction"]),
-    ("washout_counterfactual", 4, ["arms.*.washout_decay"]),
     ("dose_response", 20, ["arms.ketamine.regrow_fraction", "arms.ssri.epochs", "arms.ssri.gain_end",
                            "arms.neurosteroid.damping"]),
     ("replication", 5, []),
