@@ -633,12 +633,23 @@ def _relapse_section(df: pd.DataFrame, protocol: dict) -> list[_Block]:
     return blocks
 
 
-#: Outcomes a sweep section reports for each swept field: (title, metric, condition, phase).
+#: Outcomes a sweep section reports for each swept field: (title, metric, condition, phases). The
+#: phases are the paper's (treated and untreated state); a schedule that has none of them gets its
+#: outcome at every phase that measured it (e.g. a lesion sweep's ``pruned``, a family ``battery``).
 SWEEP_OUTCOMES = [
-    ("Acute combined-stress accuracy (%)", "accuracy", "combined", "acute"),
-    ("Acute biased-noise accuracy (%)", "accuracy", "biased", "acute"),
-    ("Relapse probability (%) over maintenance durations", "relapse_probability", "", "washout"),
+    ("Combined-stress accuracy (%)", "accuracy", "combined", ("acute", "pruned")),
+    ("Biased-noise accuracy (%)", "accuracy", "biased", ("acute", "pruned")),
+    ("Relapse probability (%) over maintenance durations", "relapse_probability", "", ("washout",)),
 ]
+
+
+def _outcome_phases(rows: pd.DataFrame, metric: str, condition: str, preferred: tuple[str, ...]) -> list[str]:
+    """The phases a sweep outcome is reported at: the preferred ones present, else every phase
+    with such rows (not wash-out steps or maintenance durations), in the order they appear."""
+    sel = rows[(rows["metric"] == metric) & (rows["condition"] == condition)
+               & rows["step"].isna() & rows["maintenance_epochs"].isna()]
+    present = list(dict.fromkeys(sel["phase"]))
+    return [p for p in preferred if p in present] or present
 
 
 def sweep_columns(df: pd.DataFrame) -> list[str]:
@@ -683,10 +694,16 @@ def _sweep_section(df: pd.DataFrame, out_dir: Path, n_resamples: int, seed: int)
         rows = df[df[field_name].notna() & df[[*others]].isna().all(axis=1)] if others else df[df[field_name].notna()]
         if rows[field_name].nunique() < 2:
             continue
-        for title, metric, condition, phase in SWEEP_OUTCOMES:
+        outcomes = [(f"{title}, `{phase}`", metric, condition, phase)
+                    for title, metric, condition, preferred in SWEEP_OUTCOMES
+                    for phase in _outcome_phases(rows, metric, condition, preferred)]
+        for title, metric, condition, phase in outcomes:
             sel = rows[(rows["metric"] == metric) & (rows["phase"] == phase) & (rows["condition"] == condition)]
             sel = sel[sel["step"].isna() & sel["maintenance_epochs"].isna()]
             if sel.empty or sel[field_name].nunique() < 2:
+                continue
+            if sel.groupby(["arm", "patient"])["value"].nunique().le(1).all():  # e.g. a shared spine's rows
+                blocks.append(_Block("note", f"{title}: the same at every level of `{field_name}`."))
                 continue
             args = dict(metric=metric, condition=condition or None, phase=phase)
             summary = dr.level_summary(sel, field_name, **args)

@@ -270,11 +270,33 @@ def test_sweep_report_shows_dose_response_instead_of_the_papers_tables(tmp_path)
         warnings.simplefilter("ignore")
         text = write_report(run, n_resamples=99).read_text()
     assert "## Sweep" in text and "Table 1" not in text
-    assert "### Acute combined-stress accuracy (%) vs `pruning.fraction`" in text
+    assert "### Combined-stress accuracy (%), `acute` vs `pruning.fraction`" in text
+    assert "Combined-stress accuracy (%), `pruned`: the same at every level" in text  # unshifted rows
     assert "| Ketamine-like | 0.97 | 6 |" in text
     row = next(line for line in text.splitlines() if line.startswith("| Ketamine-like | -160"))
     assert "<0.001" in row and ("0.93 -> 0.95" in row or "0.9 -> 0.93" in row or "0.95 -> 0.97" in row)
     assert (run / "figures").is_dir() and any(p.suffix == ".png" for p in (run / "figures").iterdir())
+
+
+def test_lesion_sweep_without_treatment_reports_its_pruned_rows(tmp_path):
+    """A sweep whose schedule has no treated phase (the family's pruning cliff: train, lesion, assess
+    'pruned') still gets its dose-response section, at the phase that measured the outcome, with
+    the planted fall located."""
+    import warnings
+
+    frames = []
+    for level in [0.8, 0.85, 0.9, 0.93, 0.95, 0.97]:
+        r = make_results(n_patients=6, seed=1)
+        r = r[r["arm"] == "untreated"].copy()
+        r.loc[r["metric"] == "accuracy", "value"] -= max(0.0, level - 0.9) * 400.0
+        frames.append(r.assign(**{"pruning.fraction": level}))
+    run = write_run(tmp_path / "cliff", pd.concat(frames, ignore_index=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text = write_report(run, n_resamples=99).read_text()
+    assert "### Combined-stress accuracy (%), `pruned` vs `pruning.fraction`" in text
+    row = next(line for line in text.splitlines() if line.startswith("| Untreated (pruned) | -"))
+    assert "<0.001" in row and ("0.9 -> 0.93" in row or "0.93 -> 0.95" in row or "0.95 -> 0.97" in row)
 
 
 def test_replication_report_gives_each_claims_share_of_cohorts(tmp_path):
