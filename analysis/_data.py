@@ -7,7 +7,9 @@ point reports a malformed table the same way.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -170,3 +172,75 @@ def decay_rate(protocol: Mapping | None, arm: str) -> float:
         if value is not None:
             return float(value)
     return float("nan")
+
+
+@dataclass(frozen=True)
+class TableColumn:
+    """One column of a paper table and where its numbers come from.
+
+    It and :func:`cell_values` (the rule that reads one cell's per-patient values) live here, with
+    the rest of the results vocabulary, so the general statistics (:mod:`analysis.stats`) select
+    cells by the same rule as the paper's tables without importing :mod:`analysis.tables`.
+
+    Attributes
+    ----------
+    label : str
+        The paper's column header.
+    metric : str
+        Results ``metric``; ``relapse_probability`` and ``decay_rate`` are
+        derived (from ``relapsed`` rows and from the protocol).
+    condition : str
+        Results ``condition`` (``""`` for none).
+    noise_sigma : float or None
+        Internal-noise SD for ``internal_noise`` accuracies.
+    phase : str or None
+        Results ``phase``; ``None`` means the arm's assessment phase
+        (``pruned`` for untreated, ``acute`` otherwise).
+    decimals : int
+        Decimals the paper prints.
+    """
+
+    label: str
+    metric: str
+    condition: str = ""
+    noise_sigma: float | None = None
+    phase: str | None = None
+    decimals: int = 1
+
+    def phase_for(self, arm: str) -> str:
+        """The results phase holding this column's numbers for ``arm``."""
+        return self.phase if self.phase is not None else assessment_phase(arm)
+
+
+def cell_values(
+    df: pd.DataFrame, column: TableColumn, arm: str, protocol: Mapping | None = None
+) -> pd.Series:
+    """Per-patient values of one table cell (empty if the run has none).
+
+    ``df`` must already be normalised by ``check_results``.  A patient's
+    relapse probability is 100 x the mean of its ``relapsed`` rows over the
+    maintenance durations; the decay rate is the protocol's constant; other
+    wash-out metrics are taken at the last step; rows repeated over
+    maintenance durations are averaged per patient.
+    """
+    if column.metric == "relapse_probability":
+        rows = select(df, arm=arm, phase="washout", metric="relapsed")
+        return 100.0 * per_patient(rows)
+    if column.metric == "decay_rate":
+        rate = decay_rate(protocol, arm)
+        patients = np.sort(df.loc[df["arm"] == arm, "patient"].unique())
+        if math.isnan(rate) or arm == UNTREATED:
+            return pd.Series(dtype=float, index=pd.Index([], name="patient"))
+        return pd.Series(rate, index=pd.Index(patients, name="patient"), dtype=float)
+    rows = select(
+        df,
+        arm=arm,
+        phase=column.phase_for(arm),
+        metric=column.metric,
+        condition=column.condition,
+        noise_sigma=column.noise_sigma,
+    )
+    if rows["step"].notna().any():
+        # wash-out trajectories: the value after the last decay step
+        rows = rows[rows["step"] == rows["step"].max()]
+    return per_patient(rows)

@@ -20,9 +20,8 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from analysis._data import arm_order, check_results, display_name
+from analysis._data import TableColumn, arm_order, cell_values, check_results, display_name
 from analysis._results import ResultsBase, fmt_num, fmt_p, frame_to_text
-from analysis.tables import TableColumn, cell_values
 
 __all__ = [
     "ArmComparison",

@@ -434,8 +434,8 @@ class RelapseRanking(FrameResults):
         ``label``, ``lower`` and ``higher`` (arms, ``lower`` relapsing less), ``lower_probability``
         and ``higher_probability`` (percent of patient x duration), ``difference`` (mean over patients
         of the per-patient difference in relapse percent, higher minus lower), ``n_patients``,
-        ``statistic`` and ``pvalue`` (two-sided Wilcoxon signed-rank on the per-patient percentages;
-        ``pvalue`` 1 when every patient ties).
+        ``statistic`` and ``pvalue`` (two-sided Wilcoxon signed-rank on the per-patient percentages,
+        :func:`analysis.stats.paired_test`; ``pvalue`` 1 when every patient ties).
         ``relation`` is ``"<"``, or ``"="`` where the two probabilities tie.
     orders : dict
         ``label -> tuple`` of groups of arms, least relapse first; arms whose probabilities tie
@@ -477,7 +477,8 @@ def relapse_ranking(results: pd.DataFrame) -> RelapseRanking:
     fast? Each wash-out ``label`` ranks the arms by their relapse probability (Table 4's measure:
     the share of patient x maintenance duration that relapsed); each pair adjacent in that order is
     compared on the patients' own relapse percentages, paired by patient because every arm treats
-    the same patients (two-sided Wilcoxon signed-rank, ``zsplit`` for ties).
+    the same patients (two-sided Wilcoxon signed-rank, :func:`analysis.stats.paired_test`: zero
+    differences dropped, p = 1 when every patient ties).
 
     Parameters
     ----------
@@ -499,7 +500,7 @@ def relapse_ranking(results: pd.DataFrame) -> RelapseRanking:
     >>> r.orders["fast"], r.same_order("fast")
     ((('b',), ('a',)), {'fast': True, 'slow': False})
     """
-    from scipy.stats import wilcoxon
+    from analysis.stats import paired_test
 
     df = check_results(results)
     rel = _relapsed_rows(df)
@@ -524,11 +525,7 @@ def relapse_ranking(results: pd.DataFrame) -> RelapseRanking:
         for lower, higher in zip(order[:-1], order[1:]):
             both = per[[lower, higher]].dropna()
             diff = both[higher] - both[lower]
-            if (diff == 0).all():
-                stat, p = 0.0, 1.0
-            else:
-                res = wilcoxon(both[higher], both[lower], zero_method="zsplit")
-                stat, p = float(res.statistic), float(res.pvalue)
+            stat, p, _ = paired_test(both[higher].to_numpy(), both[lower].to_numpy(), "wilcoxon", "two-sided")
             relation = "=" if math.isclose(prob[lower], prob[higher], abs_tol=1e-9) else "<"
             records.append(dict(label=str(label), lower=lower, relation=relation, higher=higher,
                                 lower_probability=float(prob[lower]),

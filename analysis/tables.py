@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +18,11 @@ import pandas as pd
 
 from analysis._data import (
     UNTREATED,
+    TableColumn,
     arm_order,
-    assessment_phase,
+    cell_values,
     check_results,
-    decay_rate,
     display_name,
-    per_patient,
     require_columns,
     select,
 )
@@ -61,40 +59,6 @@ RESILIENCE_LABELS = {
     1.5: "Severe (σ=1.5) (%)",
     2.5: "Extreme (σ=2.5) (%)",
 }
-
-
-@dataclass(frozen=True)
-class TableColumn:
-    """One column of a paper table and where its numbers come from.
-
-    Attributes
-    ----------
-    label : str
-        The paper's column header.
-    metric : str
-        Results ``metric``; ``relapse_probability`` and ``decay_rate`` are
-        derived (from ``relapsed`` rows and from the protocol).
-    condition : str
-        Results ``condition`` (``""`` for none).
-    noise_sigma : float or None
-        Internal-noise SD for ``internal_noise`` accuracies.
-    phase : str or None
-        Results ``phase``; ``None`` means the arm's assessment phase
-        (``pruned`` for untreated, ``acute`` otherwise).
-    decimals : int
-        Decimals the paper prints.
-    """
-
-    label: str
-    metric: str
-    condition: str = ""
-    noise_sigma: float | None = None
-    phase: str | None = None
-    decimals: int = 1
-
-    def phase_for(self, arm: str) -> str:
-        """The results phase holding this column's numbers for ``arm``."""
-        return self.phase if self.phase is not None else assessment_phase(arm)
 
 
 _T1 = (
@@ -157,40 +121,6 @@ def table_columns(results: pd.DataFrame | None = None) -> dict[str, tuple[TableC
         for s in sigmas
     )
     return {"Table 1": _T1, "Table 2": t2, "Table 3": _T3, "Table 4": _T4}
-
-
-def cell_values(
-    df: pd.DataFrame, column: TableColumn, arm: str, protocol: Mapping | None = None
-) -> pd.Series:
-    """Per-patient values of one table cell (empty if the run has none).
-
-    ``df`` must already be normalised by ``check_results``.  A patient's
-    relapse probability is 100 x the mean of its ``relapsed`` rows over the
-    maintenance durations; the decay rate is the protocol's constant; other
-    wash-out metrics are taken at the last step; rows repeated over
-    maintenance durations are averaged per patient.
-    """
-    if column.metric == "relapse_probability":
-        rows = select(df, arm=arm, phase="washout", metric="relapsed")
-        return 100.0 * per_patient(rows)
-    if column.metric == "decay_rate":
-        rate = decay_rate(protocol, arm)
-        patients = np.sort(df.loc[df["arm"] == arm, "patient"].unique())
-        if math.isnan(rate) or arm == UNTREATED:
-            return pd.Series(dtype=float, index=pd.Index([], name="patient"))
-        return pd.Series(rate, index=pd.Index(patients, name="patient"), dtype=float)
-    rows = select(
-        df,
-        arm=arm,
-        phase=column.phase_for(arm),
-        metric=column.metric,
-        condition=column.condition,
-        noise_sigma=column.noise_sigma,
-    )
-    if rows["step"].notna().any():
-        # wash-out trajectories: the value after the last decay step
-        rows = rows[rows["step"] == rows["step"].max()]
-    return per_patient(rows)
 
 
 def _mean_sd(values: pd.Series) -> tuple[float, float, int]:

@@ -55,6 +55,20 @@ def test_module_imports_no_torch_or_paper_code(module):
     assert not bad, f"{module} imports {sorted(bad)}"
 
 
+@pytest.mark.parametrize("module", ["analysis/stats.py", "analysis/survival.py", "analysis/summaries.py",
+                                    "analysis/longitudinal.py", "analysis/trajectories.py"])
+def test_general_statistics_never_import_the_papers_tables_or_claims(module):
+    """The general statistics select cells through analysis._data (the results vocabulary): no
+    import statement, at module level or inside a function, names analysis.tables, analysis.claims
+    or analysis.report (issue: general statistics never import the paper's tables)."""
+    root = Path(__file__).resolve().parents[1]
+    tree = ast.parse((root / module).read_text())
+    names = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    names |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    assert any(n and n.startswith("analysis.") for n in names), "no analysis imports found: vacuous"
+    assert not names & {"analysis.tables", "analysis.claims", "analysis.report", "analysis.family"}
+
+
 def test_level_summary_matches_hand_computed_t_interval():
     """Per-level n, mean, SD (ddof=1) and the t interval equal numpy/scipy computed by hand (1e-12)."""
     df = sweep(np.random.default_rng(0), lambda x: 10 * x, n_patients=7)
