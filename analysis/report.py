@@ -857,8 +857,7 @@ def _washouts_section(df: pd.DataFrame) -> list[_Block]:
         _Block("h3", "Relapse ranking per wash-out"),
         _Block("p", "Arms from least to most relapse under each wash-out; each adjacent pair compared on the "
                     "same patients (two-sided Wilcoxon signed-rank on the per-patient relapse percentages). "
-                    + "; ".join(f"{label}: {' < '.join(' = '.join(display_name(a) for a in g) for g in order)}"
-                                for label, order in rank.orders.items()) + "."),
+                    + "; ".join(f"{label}: {rank.order_text(label, display_name)}" for label in rank.orders) + "."),
         _Block("table", header=["wash-out", "pair", "relapse (%)", "per-patient difference", "n", "p"], rows=[
             [r["label"], f"{display_name(r['lower'])} {r['relation']} {display_name(r['higher'])}",
              f"{fmt_num(r['lower_probability'], 1)} vs {fmt_num(r['higher_probability'], 1)}",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -452,6 +452,11 @@ class RelapseRanking(FrameResults):
             raise ValueError(f"no wash-out labelled {reference!r}; labels: {', '.join(self.orders)}")
         return {label: order == self.orders[reference] for label, order in self.orders.items()}
 
+    def order_text(self, label: str, name: Callable[[str], str] = str) -> str:
+        """The ranking under wash-out ``label`` as text, e.g. ``"ketamine < neurosteroid = ssri"``
+        (``name`` renders an arm)."""
+        return " < ".join(" = ".join(name(a) for a in group) for group in self.orders[label])
+
     def summary(self) -> str:
         """Per wash-out: the arms from least to most relapse, and each adjacent pair's paired test."""
         from analysis._results import fmt_p
@@ -464,8 +469,7 @@ class RelapseRanking(FrameResults):
             "n": int(r["n_patients"]),
             "p (Wilcoxon)": fmt_p(r["pvalue"]),
         } for _, r in self.frame.iterrows()]
-        orders = "\n".join(f"  {label}: {' < '.join(' = '.join(g) for g in order)}"
-                           for label, order in self.orders.items())
+        orders = "\n".join(f"  {label}: {self.order_text(label)}" for label in self.orders)
         return f"Relapse ranking per wash-out (least relapse first)\n{orders}\n{frame_to_text(pd.DataFrame(rows))}"
 
 
