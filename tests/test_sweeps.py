@@ -195,6 +195,8 @@ def test_shipped_sweep_studies_load_and_expand(name, n_levels, columns):
     assert len({lv.name for lv in levels}) == n_levels
     if name == "pruning_cliff":
         assert [lv.values["pruning.fraction"] for lv in levels][::19] == [0.8, 0.99]
+    if name in ("pruning_cliff", "dose_response"):  # acute questions: no maintenance is trained
+        assert all(lv.protocol.longitudinal.durations == () for lv in levels)
     if name == "replication":
         assert [lv.cohort for lv in levels] == [0, 1, 2, 3, 4] and levels[0].protocol.seed == plan.protocol.seed
 
@@ -240,3 +242,20 @@ def test_levels_that_share_a_spine_train_it_once(tmp_path, monkeypatch):
     p = Protocol.from_dict(tomllib.loads(TINY))
     lesions = expand(p, SweepSpec(fields={"pruning.fraction": [0.9, 0.95]}))
     assert spine_key(lesions[0].protocol) != spine_key(lesions[1].protocol)
+
+
+def test_per_arm_summary_keeps_the_levels_of_a_one_field_at_a_time_sweep():
+    """mode = "each" leaves the other fields NaN in a level's rows; the summary still shows every level
+    (the field it does not set as "-"), in run order, instead of dropping rows with a NaN key."""
+    from virtualpatient.cli import per_arm_summary
+
+    rows = []
+    for a, b, arm, value in [(0.1, None, "ketamine", 80.0), (0.5, None, "ketamine", 90.0),
+                             (None, 0.6, "neurosteroid", 70.0)]:
+        for patient in (0, 1):
+            rows.append({"a": a, "b": b, "arm": arm, "patient": patient, "step": None, "maintenance_epochs": None,
+                         "metric": "accuracy", "condition": "combined", "value": value + patient})
+    text = per_arm_summary(pd.DataFrame(rows).astype({"a": float, "b": float}), by=["a", "b"])
+    lines = [line.split() for line in text.splitlines()[2:]]
+    assert lines == [["0.1", "-", "ketamine", "2", "80.5"], ["0.5", "-", "ketamine", "2", "90.5"],
+                     ["-", "0.6", "neurosteroid", "2", "70.5"]]

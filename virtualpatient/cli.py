@@ -214,15 +214,18 @@ def per_arm_summary(results, by: list[str] | tuple[str, ...] = ()) -> str:
     import pandas as pd
 
     keys = [*by, "arm"]
+    if by:  # a field a level leaves at the study's value (mode "each") is NaN there; show "-", keep the row
+        results = results.assign(**{c: results[c].astype(object).where(results[c].notna(), "-") for c in by})
     plain = results[results["step"].isna() & results["maintenance_epochs"].isna() & (results["metric"] == "accuracy")]
-    table = plain.pivot_table(index=keys, columns="condition", values="value", aggfunc="mean")
-    table.insert(0, "patients", results.groupby(keys)["patient"].nunique())
+    table = plain.pivot_table(index=keys, columns="condition", values="value", aggfunc="mean", sort=False)
+    table.insert(0, "patients", results.groupby(keys, sort=False)["patient"].nunique())
     relapsed = results[results["metric"] == "relapsed"]
     if "label" in relapsed and relapsed["label"].nunique() > 1:  # several wash-outs: one column each
         for label, rows in relapsed.groupby("label", sort=False):
-            table[f"relapsed % {str(label).removesuffix('/washout')}"] = rows.groupby(keys)["value"].mean() * 100
+            table[f"relapsed % {str(label).removesuffix('/washout')}"] = \
+                rows.groupby(keys, sort=False)["value"].mean() * 100
     elif not relapsed.empty:
-        table["relapsed %"] = relapsed.groupby(keys)["value"].mean() * 100
+        table["relapsed %"] = relapsed.groupby(keys, sort=False)["value"].mean() * 100
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.max_rows", 60):
         return table.round(1).to_string()
 
