@@ -267,3 +267,15 @@ def test_cohort_grows_on_resume(study, reference, tmp_path):
     old = pd.read_csv(out / "results.csv").query("patient < @n").reset_index(drop=True)
     pd.testing.assert_frame_equal(old, small)
     assert json.loads((out / "protocol.json").read_text())["n_patients"] == n + 1
+
+
+def test_command_line_warnings_say_each_message_once(capsys):
+    """The run command's warning printer gives each distinct message one line, once: a sweep opens a
+    level's folder twice (its spine adoption and its trial) and must not repeat itself."""
+    from virtualpatient.cli import _OneLineWarnings
+
+    show = _OneLineWarnings()
+    for message in ("a: resumed", "b: resumed", "a: resumed"):
+        show(UserWarning(message), UserWarning, "f.py", 1)
+    assert capsys.readouterr().err.splitlines() == ["virtualpatient: warning: a: resumed",
+                                                    "virtualpatient: warning: b: resumed"]

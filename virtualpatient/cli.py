@@ -96,8 +96,17 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"virtualpatient: warning: {message}", file=sys.stderr)
+class _OneLineWarnings:
+    """``warnings.showwarning`` for the command line: each distinct message once, on one line (a
+    sweep opens a level's folder twice, and would say the same thing twice)."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if str(message) not in self.seen:
+            self.seen.add(str(message))
+            print(f"virtualpatient: warning: {message}", file=sys.stderr)
 
 
 def _import_torch() -> None:
@@ -174,7 +183,7 @@ def _execute(args: argparse.Namespace, plan):
           f"run folder {out}", flush=True)
     with _executor(args) as executor, warnings.catch_warnings():
         warnings.simplefilter("always", CodeChangedWarning)
-        warnings.showwarning = _show_warning  # one line, restored by catch_warnings
+        warnings.showwarning = _OneLineWarnings()  # restored by catch_warnings
         if plan.sweep is None:
             trial = ClinicalTrial(protocol, executor=executor, patients_per_unit=per_unit,
                                   progress=not args.no_progress)
