@@ -46,6 +46,7 @@ from analysis._data import EXTREME_SIGMA, arm_order, check_results, display_name
 from analysis._results import fmt_num, fmt_p
 from virtualpatient.errors import VirtualPatientError
 from virtualpatient.names import inside
+from virtualpatient.schema import LEVELS_FILE, tag_level
 
 __all__ = ["ReportError", "RunData", "load_run", "write_report"]
 
@@ -90,6 +91,9 @@ class RunData:
     protocol: dict
     manifest: dict
     weights_dir: Path | None
+    #: ``(finished, planned)`` levels when the run is a sweep whose ``results.csv`` is not yet written
+    #: (still running, or interrupted): the results are then its finished levels' rows.
+    partial: tuple[int, int] | None = None
 
 
 def load_run(run_dir: str | Path) -> RunData:
@@ -128,9 +132,13 @@ def load_run(run_dir: str | Path) -> RunData:
     if not path.is_dir():
         raise ReportError(f"{path}: run folder not found")
     csv_path = path / "results.csv"
-    if not csv_path.is_file():
+    partial = None
+    if csv_path.is_file():
+        results = _read_results(csv_path)
+    elif (path / LEVELS_FILE).is_file():
+        results, partial = _finished_levels(path)
+    else:
         raise ReportError(f"{path}: has no results.csv; is it a run folder?")
-    results = _read_results(csv_path)
     docs = {}
     for name in ("protocol", "manifest"):
         f = path / f"{name}.json"
@@ -145,8 +153,36 @@ def load_run(run_dir: str | Path) -> RunData:
             docs[name] = {}
     wdir = path / "weights"
     return RunData(
-        path, results, docs["protocol"], docs["manifest"], wdir if wdir.is_dir() else None
+        path, results, docs["protocol"], docs["manifest"], wdir if wdir.is_dir() else None, partial
     )
+
+
+_LEVEL_NAME = re.compile(r"L[0-9a-f]{12}")
+
+
+def _finished_levels(path: Path) -> tuple[pd.DataFrame, tuple[int, int]]:
+    """The rows of an unfinished sweep's finished levels, tagged as the sweep tags them, and
+    ``(finished, planned)``; :class:`ReportError` when the plan is damaged or no level finished."""
+    plan_path = path / LEVELS_FILE
+    try:
+        plan = json.loads(plan_path.read_text(encoding="utf-8"))
+        fields, levels = plan["fields"], plan["levels"]
+        if not (isinstance(fields, list) and all(isinstance(f, str) for f in fields) and isinstance(levels, list)):
+            raise ValueError("fields must be a list of names and levels a list")
+        for lv in levels:
+            if not (isinstance(lv, dict) and isinstance(lv.get("name"), str) and _LEVEL_NAME.fullmatch(lv["name"])
+                    and isinstance(lv.get("values"), dict) and type(lv.get("cohort")) is int):
+                raise ValueError(f"bad level entry {str(lv)[:80]}")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise ReportError(f"{plan_path}: is not a sweep plan ({_first_line(exc)})") from None
+    frames = []
+    for lv in levels:
+        csv_path = inside(path, "levels", lv["name"], "results.csv")
+        if csv_path.is_file():
+            frames.append(tag_level(_read_results(csv_path), fields, lv["values"], lv["cohort"]))
+    if not frames:
+        raise ReportError(f"{path}: no level of the sweep has finished yet (0 of {len(levels)}); nothing to report")
+    return pd.concat(frames, ignore_index=True), (len(frames), len(levels))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -334,12 +370,22 @@ def _header_section(run: RunData, df: pd.DataFrame) -> list[_Block]:
             "p",
             f"Run folder `{run.path.name}`: {df['patient'].nunique()} virtual patients, arms "
             + ", ".join(f"{display_name(a)} (`{a}`)" for a in arms)
-            + ". Everything below is computed from the saved `results.csv`, `protocol.json` "
+            + ". Everything below is computed from the saved "
+            + ("`results.csv`" if run.partial is None else "`results.csv` of every finished level")
+            + ", `protocol.json` "
             "and `manifest.json`; nothing is re-simulated."
             + (" Paper: *Modeling Antidepressant-Induced Manic Switch and Longitudinal Relapse* "
                "(Tables 1-4 and Results)." if paper else ""),
         ),
     ]
+    if run.partial is not None:
+        done, planned = run.partial
+        blocks.append(_Block(
+            "p",
+            f"**Unfinished sweep: {done} of {planned} levels have finished.** The run is still going "
+            "or was interrupted; every table and figure below covers the finished levels only. Run "
+            "the same `virtualpatient run` command again to finish it, then report again.",
+        ))
     if paper:
         blocks.append(_Block(
             "p",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -259,3 +261,46 @@ def test_per_arm_summary_keeps_the_levels_of_a_one_field_at_a_time_sweep():
     lines = [line.split() for line in text.splitlines()[2:]]
     assert lines == [["0.1", "-", "ketamine", "2", "80.5"], ["0.5", "-", "ketamine", "2", "90.5"],
                      ["-", "0.6", "neurosteroid", "2", "70.5"]]
+
+
+def test_an_unfinished_sweep_reports_its_finished_levels(swept, tmp_path, capsys):
+    """A sweep folder without its results.csv (still running, or interrupted) is reported from the
+    levels that finished: their rows equal the finished sweep's rows of those levels, and the report
+    says how many of the planned levels it covers."""
+    from analysis.report import load_run
+
+    _, out, _ = swept
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial)
+    (partial / "results.csv").unlink()
+    plan = json.loads((partial / "levels.json").read_text())
+    n = len(plan["levels"])  # 2, or 3 once the resume test has added a level
+    assert plan["fields"] == ["pruning.fraction"] and n >= 2
+    for level in plan["levels"][1:]:
+        (partial / "levels" / level["name"] / "results.csv").unlink()
+    run = load_run(partial)
+    full = load_run(out).results
+    assert run.partial == (1, n)
+    expected = full[full["pruning.fraction"] == plan["levels"][0]["values"]["pruning.fraction"]]
+    pd.testing.assert_frame_equal(run.results, expected.reset_index(drop=True))
+    assert main(["report", str(partial)]) == 0
+    assert "unfinished sweep" in capsys.readouterr().out
+    assert f"**Unfinished sweep: 1 of {n} levels have finished.**" in (partial / "report.md").read_text()
+
+
+def test_an_unfinished_sweep_with_nothing_finished_or_a_hostile_plan_is_refused(swept, tmp_path, capsys):
+    """No finished level, or a plan whose level name would lead out of the folder, is one line, exit 2."""
+    _, out, _ = swept
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial)
+    (partial / "results.csv").unlink()
+    plan = json.loads((partial / "levels.json").read_text())
+    for level in plan["levels"]:
+        (partial / "levels" / level["name"] / "results.csv").unlink()
+    assert main(["report", str(partial)]) == 2
+    assert f"no level of the sweep has finished yet (0 of {len(plan['levels'])})" in capsys.readouterr().err
+    plan["levels"][0]["name"] = "../../elsewhere"
+    (partial / "levels.json").write_text(json.dumps(plan))
+    assert main(["report", str(partial)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a sweep plan" in err and len(err.strip().splitlines()) == 1

@@ -281,11 +281,13 @@ class _executor:
 
 def _report(args: argparse.Namespace) -> int:
     from analysis.report import write_report
+    from virtualpatient.schema import LEVELS_FILE
 
-    if not (args.run_dir / "results.csv").is_file():
+    finished = (args.run_dir / "results.csv").is_file()
+    if not finished and not (args.run_dir / LEVELS_FILE).is_file():
         return _fail(f"{args.run_dir}: no results.csv (not a finished run folder)")
     path = write_report(args.run_dir)
-    print(f"report written: {path}")
+    print(f"report written: {path}" + ("" if finished else " (an unfinished sweep: its finished levels only)"))
     return 0
 
 

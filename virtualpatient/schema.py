@@ -14,7 +14,8 @@ True
 
 from __future__ import annotations
 
-__all__ = ["COLUMNS", "PAPER_PHASES", "PUBLISHED_SHEETS", "SCHEDULE_COLUMNS", "UNTREATED"]
+__all__ = ["COLUMNS", "LEVELS_FILE", "PAPER_PHASES", "PUBLISHED_SHEETS", "SCHEDULE_COLUMNS", "UNTREATED",
+           "tag_level"]
 
 #: The columns of every results table, in order (covariate and sweep columns follow them).
 COLUMNS = ["patient", "arm", "phase", "metric", "condition", "noise_sigma", "maintenance_epochs", "step", "value"]
@@ -33,3 +34,21 @@ PAPER_PHASES = ("baseline", "pruned", "acute", "maintenance", "washout", "off_me
 #: The family sheets (``../shared/family``) whose published numbers ``analysis.family`` carries, the
 #: values of a study's ``compare_with``.
 PUBLISHED_SHEETS = ("068A", "068C", "068E")
+
+#: A sweep folder's plan: its swept fields and every level's folder name, values and cohort, written
+#: when the sweep starts, so the finished levels of an unfinished sweep can be read (and reported).
+LEVELS_FILE = "levels.json"
+
+
+def tag_level(frame, fields, values, cohort: int):
+    """A level's rows with one column per swept field (NaN where the level leaves the field at the
+    study's value, as ``mode = "each"`` does) and its ``cohort``: how a sweep's rows are told apart.
+
+    >>> import pandas as pd
+    >>> tag_level(pd.DataFrame({"value": [1.0]}), ["a", "b"], {"a": 0.5}, 0).to_dict("records")
+    [{'value': 1.0, 'a': 0.5, 'b': nan, 'cohort': 0}]
+    """
+    for field in fields:
+        frame[field] = values.get(field, float("nan"))
+    frame["cohort"] = cohort
+    return frame

@@ -482,6 +482,14 @@ class RunStore:
         _atomic_write(path, lambda fh: fh.write(frame.to_csv(index=False).encode()))
         return path
 
+    def write_json(self, name: str, data: Any) -> Path | None:
+        """Write a small JSON record (a sweep's plan) into the run folder, atomically."""
+        if self.path is None:
+            return None
+        path = self._file(name)
+        self._write_json(path, data)
+        return path
+
     def save_weights(self, arm: str, patient: int, weights: list[torch.Tensor]) -> None:
         """Write one patient's weight matrices after the lesion (``untreated``) or an acute course."""
         if self.path is None:

@@ -337,6 +337,7 @@ def run_sweep(plan: Plan, out: str | Path | None = None, *, executor=None, patie
     from tqdm.auto import tqdm
 
     from virtualpatient.names import inside
+    from virtualpatient.schema import LEVELS_FILE, tag_level
     from virtualpatient.store import RunStore
     from virtualpatient.trial import ClinicalTrial
 
@@ -346,6 +347,8 @@ def run_sweep(plan: Plan, out: str | Path | None = None, *, executor=None, patie
     frames = []
     spines: dict[str, Path] = {}  # spine key -> a level folder that holds those spines
     with store.session(plan.protocol):
+        store.write_json(LEVELS_FILE, {"fields": paths, "levels": [
+            {"name": lv.name, "values": lv.values, "cohort": lv.cohort} for lv in levels]})
         bar = tqdm(levels, desc="levels", unit="level", disable=not progress or len(levels) < 2, dynamic_ncols=True)
         for level in bar:
             bar.set_postfix_str(", ".join(f"{p}={v}" for p, v in level.values.items()) or f"cohort {level.cohort}")
@@ -358,10 +361,7 @@ def run_sweep(plan: Plan, out: str | Path | None = None, *, executor=None, patie
             frame = trial.run(out=folder)
             if folder is not None:
                 spines.setdefault(key, folder)
-            for p in paths:
-                frame[p] = level.values.get(p, math.nan)
-            frame["cohort"] = level.cohort
-            frames.append(frame)
+            frames.append(tag_level(frame, paths, level.values, level.cohort))
         result = pd.concat(frames, ignore_index=True)
         store.write_results(result)
     return result
