@@ -304,3 +304,51 @@ def test_an_unfinished_sweep_with_nothing_finished_or_a_hostile_plan_is_refused(
     assert main(["report", str(partial)]) == 2
     err = capsys.readouterr().err
     assert "is not a sweep plan" in err and len(err.strip().splitlines()) == 1
+
+
+def test_trained_key_leaves_out_only_the_lesion():
+    """Levels that differ only in the lesion share the key of the spine's training; another training
+    setting or another seed does not; a spine that trains nothing before its lesion has none."""
+    from virtualpatient.phases import Assess, Lesion
+    from virtualpatient.sweeps import trained_key
+
+    data = tomllib.loads(TINY)
+    p = Protocol.from_dict(data)
+    key = trained_key(p)
+    assert key is not None
+    assert trained_key(Protocol.from_dict({**data, "pruning": {"fraction": 0.8}})) == key
+    assert trained_key(Protocol.from_dict({**data, "seed": 5})) != key
+    assert trained_key(Protocol.from_dict({**data, "baseline": {"epochs": 3}})) != key
+    assert trained_key(p.replace(schedule=[Lesion(), Assess(label="pruned")])) is None
+
+
+def test_a_lesion_sweep_trains_each_patient_once_with_the_same_numbers(monkeypatch, tmp_path):
+    """A lesion sweep with shared baselines trains each patient's baseline network in its first level
+    only; later levels start from that state at the lesion, and every level's rows still equal a
+    separate run of its settings, bit for bit: in this process and through an executor, in one
+    unit and in several."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from virtualpatient.phases import Train
+
+    trained = []
+    run = Train.run
+
+    def counting(self, group, ctx):
+        trained.extend(s.index for s in group.batch.specs)
+        return run(self, group, ctx)
+
+    plan = load_plan(_study(tmp_path, TINY.replace("n_patients = 1", "n_patients = 3")
+                            + '[sweep]\n[sweep.fields]\n"pruning.fraction" = [0.85, 0.9, 0.95]\n'))
+    for per_unit, executor in ((None, None), (2, ThreadPoolExecutor(2))):
+        separate = [ClinicalTrial(lv.protocol, patients_per_unit=per_unit, progress=False).run()
+                    for lv in plan.levels()]
+        monkeypatch.setattr(Train, "run", counting)
+        trained.clear()
+        results = run_sweep(plan, None, executor=executor, patients_per_unit=per_unit, progress=False)
+        monkeypatch.undo()
+        assert sorted(trained) == [0, 1, 2]
+        for lv, alone in zip(plan.levels(), separate, strict=True):
+            rows = results[results["pruning.fraction"] == lv.values["pruning.fraction"]]
+            pd.testing.assert_frame_equal(rows.drop(columns=["pruning.fraction", "cohort"]).reset_index(drop=True),
+                                          alone)

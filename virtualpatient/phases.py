@@ -120,6 +120,7 @@ __all__ = [
     "register_phase",
     "resolve",
     "run_schedule",
+    "trained_prefix",
 ]
 
 Row = dict[str, Any]
@@ -293,6 +294,14 @@ class Context:
             users.append(self.exec_id)
         n = users.index(self.exec_id)
         return name if n == 0 else f"{name}#{n + 1}"
+
+    def streams_state(self) -> dict[str, list[tuple]]:
+        """Which phase executions have used each stream name so far (to continue a schedule elsewhere)."""
+        return {name: list(users) for name, users in self._streams.items()}
+
+    def restore_streams(self, state: dict[str, list[tuple]]) -> None:
+        """Continue from :meth:`streams_state`: later phases then name their streams as in one run."""
+        self._streams = {name: [tuple(u) for u in users] for name, users in state.items()}
 
     def on_epoch(self, n: int) -> Tick:
         """A per-epoch callback advancing the progress bar by ``n`` patient-epochs."""
@@ -1154,8 +1163,12 @@ def _declare_all(phases: Sequence[Phase], ctx: Context) -> None:
     ctx.exec_id = base
 
 
-def run_schedule(phases: Sequence[Phase], groups: list[Group], ctx: Context) -> tuple[list[Group], list[Row]]:
+def run_schedule(phases: Sequence[Phase], groups: list[Group], ctx: Context,
+                 start: int = 0) -> tuple[list[Group], list[Row]]:
     """Run ``phases`` in order on every group; a conditional phase splits a group by its ``when``.
+
+    ``start`` skips the phases before it (the groups are already past them): every later phase keeps
+    its place, so its random streams are named as in a run from the first phase.
 
     Returns
     -------
@@ -1167,6 +1180,8 @@ def run_schedule(phases: Sequence[Phase], groups: list[Group], ctx: Context) -> 
     base = ctx.exec_id
     try:
         for i, phase in enumerate(phases):
+            if i < start:
+                continue
             ctx.exec_id = (*base, i)
             after: list[Group] = []
             ran = False
@@ -1457,6 +1472,22 @@ def resolve(protocol) -> tuple[tuple[Phase, ...], dict[str, tuple[Phase, ...]]]:
     else:
         regimens = {name: tuple(phases) for name, phases in protocol.regimens.items()}
     return spine, regimens
+
+
+def trained_prefix(spine: Sequence[Phase], protocol) -> int:
+    """The number of leading spine phases before the first lesion, if they train (else 0).
+
+    They compute the same patients whatever the lesion's depth, so a lesion sweep with shared
+    baselines trains them once and starts every other level's spine from their end state
+    (:func:`virtualpatient.sweeps.trained_key`). A phase that holds a lesion inside it ends the prefix.
+
+    >>> trained_prefix([Train(epochs=20), Assess(label="baseline"), Lesion(), Assess(label="pruned")], None)
+    2
+    """
+    for i, p in enumerate(spine):
+        if any(isinstance(q, Lesion) for q, _ in _walk([p], "")):
+            return i if any(q.training_epochs(protocol) for q in spine[:i]) else 0
+    return 0
 
 
 def clock_origin(spine: Sequence[Phase], protocol) -> float:

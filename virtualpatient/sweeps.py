@@ -273,6 +273,27 @@ def spine_key(protocol: Protocol) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def trained_key(protocol: Protocol) -> str | None:
+    """A hash of everything the spine's training (its phases before the lesion,
+    :func:`~virtualpatient.phases.trained_prefix`) computes from, or ``None`` when it trains nothing
+    before a lesion. The lesion's settings are left out: two levels of a lesion sweep with shared
+    baselines have equal keys, so the second starts each patient's spine from the first one's
+    trained network instead of training it again."""
+    from virtualpatient.phases import arms_used, resolve, trained_prefix
+
+    spine, _ = resolve(protocol)
+    k = trained_prefix(spine, protocol)
+    if not k:
+        return None
+    used = arms_used(spine[:k])
+    data = protocol.to_dict(complete=True)
+    for key in ("regimens", "schedule", "interpretations", "device", "compare_with", "pruning"):
+        data.pop(key, None)
+    data["arms"] = {name: arm for name, arm in data["arms"].items() if name in used}
+    data["trained"] = [p.to_dict() for p in spine[:k]]
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _adopt_spines(source: Path, target: Path, protocol: Protocol) -> None:
     """Copy the finished spine units of ``source`` (a level with the same :func:`spine_key`) that
     ``target`` lacks, through the store's checks, so the level does not train them again."""
@@ -346,18 +367,24 @@ def run_sweep(plan: Plan, out: str | Path | None = None, *, executor=None, patie
     store = RunStore(out)
     frames = []
     spines: dict[str, Path] = {}  # spine key -> a level folder that holds those spines
+    # trained key -> patient -> its trained, not yet lesioned state, for keys of levels whose spines
+    # differ (equal spines are adopted whole)
+    keys = [trained_key(level.protocol) for level in levels]
+    spine_keys = [spine_key(level.protocol) for level in levels]
+    trained: dict[str, dict[int, dict]] = {
+        k: {} for k in set(keys) - {None} if len({sk for tk, sk in zip(keys, spine_keys) if tk == k}) > 1}
     with store.session(plan.protocol):
         store.write_json(LEVELS_FILE, {"fields": paths, "levels": [
             {"name": lv.name, "values": lv.values, "cohort": lv.cohort} for lv in levels]})
         bar = tqdm(levels, desc="levels", unit="level", disable=not progress or len(levels) < 2, dynamic_ncols=True)
-        for level in bar:
+        for level, tkey, key in zip(bar, keys, spine_keys):
             bar.set_postfix_str(", ".join(f"{p}={v}" for p, v in level.values.items()) or f"cohort {level.cohort}")
             folder = None if store.path is None else inside(store.path, "levels", level.name)
             trial = ClinicalTrial(level.protocol, executor=executor, patients_per_unit=patients_per_unit,
                                   progress=progress and len(levels) < 2)
-            key = spine_key(level.protocol)
             if folder is not None and key in spines:
                 _adopt_spines(spines[key], folder, level.protocol)
+            trial.trained = trained.get(tkey)
             frame = trial.run(out=folder)
             if folder is not None:
                 spines.setdefault(key, folder)

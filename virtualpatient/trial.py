@@ -43,6 +43,7 @@ from virtualpatient.phases import (  # DISCONTINUED: re-exported for benchmarks/
     clock_origin,
     resolve,
     run_schedule,
+    trained_prefix,
 )
 from virtualpatient.protocol import Protocol
 from virtualpatient.schema import COLUMNS, SCHEDULE_COLUMNS
@@ -61,8 +62,19 @@ def _strip(rows: list[dict]) -> list[dict]:
 
 
 # -- units of work ---------------------------------------------------------------------------
-def run_baseline(protocol: Protocol, specs: Sequence[PatientSpec], tick: Tick = None) -> list[dict[str, Any]]:
+def run_baseline(protocol: Protocol, specs: Sequence[PatientSpec], tick: Tick = None, *,
+                 trained: Sequence[dict] | None = None, keep_trained: bool = False) -> list[dict[str, Any]]:
     """The spine for a chunk of patients (the paper's: train, test, prune, untreated assessments).
+
+    Parameters
+    ----------
+    trained
+        Per patient of ``specs``, its state after the spine's training (the phases before the
+        lesion, :func:`~virtualpatient.phases.trained_prefix`) as another trial's ``keep_trained``
+        gave it: the spine then starts at the lesion. The same patients in a protocol that differs
+        only from the lesion on give the same numbers, bit for bit.
+    keep_trained
+        Also return that state, as each payload's ``"trained"``.
 
     Returns
     -------
@@ -70,10 +82,34 @@ def run_baseline(protocol: Protocol, specs: Sequence[PatientSpec], tick: Tick = 
         Per patient ``{"rows": [...], "state": <single-patient state dict>, "meta": <schedule state>}``.
     """
     spine, _ = resolve(protocol)
-    batch = PatientBatch(specs, protocol)
+    prefix = trained_prefix(spine, protocol) if trained is not None or keep_trained else 0
     ctx = Context(protocol, SPINE, tick)
-    groups, rows = run_schedule(spine, [Group.start(batch, clock_origin(spine, protocol))], ctx)
-    _strip(rows)
+    rows: list[dict] = []
+    if trained is not None:
+        if not prefix:
+            raise ValueError("trained states given, but this spine trains nothing before a lesion")
+        # the state is this level's patient: its own spec (the lesion depth is a covariate)
+        groups, _ = _groups(protocol, [{"state": {**t["state"], "specs": [s.to_dict()]}, "meta": t["meta"]}
+                                       for s, t in zip(specs, trained, strict=True)])
+        ctx.restore_streams(trained[0]["streams"])
+        rows = [dict(r) for t in trained for r in t["rows"]]
+    else:
+        groups = [Group.start(PatientBatch(specs, protocol), clock_origin(spine, protocol))]
+        if prefix:
+            groups, rows = run_schedule(spine[:prefix], groups, ctx)
+            _strip(rows)
+            kept = {s.index: {**payload, "streams": ctx.streams_state()}
+                    for s, payload in zip(specs, _payloads(groups, rows, specs))}
+    groups, more = run_schedule(spine, groups, ctx, start=prefix)
+    out = _payloads(groups, rows + _strip(more), specs)
+    if keep_trained and prefix and trained is None:
+        for s, payload in zip(specs, out):
+            payload["trained"] = kept[s.index]
+    return out
+
+
+def _payloads(groups: list[Group], rows: list[dict], specs: Sequence[PatientSpec]) -> list[dict[str, Any]]:
+    """Per patient of ``specs``: its rows, its single-patient state and its schedule state."""
     where = {g.batch.specs[i].index: (g, i) for g in groups for i in range(len(g))}
     out = []
     for s in specs:
@@ -127,12 +163,13 @@ def run_arm(protocol: Protocol, arm: str, pruned: PatientBatch | Sequence[dict],
     return [{"rows": [r for r in rows if r["patient"] == s.index], "weights": ctx.weights[s.index]} for s in specs]
 
 
-def _baseline_payloads(protocol_data: dict, spec_data: list[dict],
-                       engine: dict | None = None) -> list[dict[str, Any]]:
-    """Process-safe entry point: plain data in (the driver's engine settings among them), plain data out."""
+def _baseline_payloads(protocol_data: dict, spec_data: list[dict], trained: list[dict] | None = None,
+                       keep_trained: bool = False, engine: dict | None = None) -> list[dict[str, Any]]:
+    """Process-safe entry point: plain data in (the driver's engine settings last), plain data out."""
     protocol = Protocol.from_dict(protocol_data)
     with settings.engine_options(**(engine or {})):
-        return run_baseline(protocol, [PatientSpec.from_dict(s) for s in spec_data])
+        return run_baseline(protocol, [PatientSpec.from_dict(s) for s in spec_data], trained=trained,
+                            keep_trained=keep_trained)
 
 
 def _arm_payloads(protocol_data: dict, arm: str, states: list[dict],
@@ -210,6 +247,11 @@ class ClinicalTrial:
         self.executor = executor
         self.patients_per_unit = patients_per_unit or min(UNIT_PATIENTS, protocol.n_patients)
         self.progress = progress
+        #: Patient index -> its state after the spine's training, before the lesion. ``None``: not
+        #: kept. A dict: states found there are started from, and the spine's states are added to
+        #: it, so trials whose spines differ only from the lesion on (a lesion sweep's levels, see
+        #: :func:`virtualpatient.sweeps.run_sweep`) train each patient once.
+        self.trained: dict[int, dict] | None = None
         self.cohort = Cohort.from_config(
             protocol.cohort, protocol.n_patients, protocol.seed,
             defaults={"prune_fraction": protocol.pruning.fraction, "regrowth_fraction": math.nan, "lr_scale": 1.0},
@@ -256,7 +298,8 @@ class ClinicalTrial:
         self._verify(store, ["baseline", *arms])
         todo_base = [s for s in self.cohort if not store.has("baseline", s.index)]
         todo_arm = {a: [s for s in self.cohort if not store.has(a, s.index)] for a in arms}
-        total = len(todo_base) * epochs["baseline"] + sum(len(v) * epochs[a] for a, v in todo_arm.items())
+        total = sum(self._spine_epochs(chunk) for chunk in self._chunks(todo_base)) + \
+            sum(len(v) * epochs[a] for a, v in todo_arm.items())
         bar = tqdm(total=total, unit="patient-epoch", desc=self.protocol.name, disable=not self.progress,
                    dynamic_ncols=True, smoothing=0.05)
         try:
@@ -266,6 +309,28 @@ class ClinicalTrial:
                 self._run_executor(store, todo_base, todo_arm, bar, epochs)
         finally:
             bar.close()
+
+    def _start(self, chunk: list[PatientSpec]) -> tuple[list[dict] | None, bool]:
+        """For a chunk's spine: the trained states to start from (``None``: train), and whether to
+        keep the chunk's own for later trials."""
+        if self.trained is None:
+            return None, False
+        if all(s.index in self.trained for s in chunk):
+            return [self.trained[s.index] for s in chunk], False
+        return None, True
+
+    def _spine_epochs(self, chunk: list[PatientSpec]) -> int:
+        """Training epochs of a chunk's spine (none of the trained prefix when it starts past it)."""
+        spine, _ = resolve(self.protocol)
+        skip = trained_prefix(spine, self.protocol) if self._start(chunk)[0] is not None else 0
+        return len(chunk) * sum(p.training_epochs(self.protocol) for p in spine[skip:])
+
+    def _keep_trained(self, payloads: list[dict]) -> list[dict]:
+        for payload in payloads:
+            trained = payload.pop("trained", None)
+            if trained is not None and self.trained is not None:
+                self.trained[payload["state"]["specs"][0]["index"]] = trained
+        return payloads
 
     def _verify(self, store: RunStore, kinds: list[str]) -> None:
         """Read every finished unit once, so a damaged file stops the run before any work (and stays)."""
@@ -297,7 +362,9 @@ class ClinicalTrial:
     def _run_inline(self, store, todo_base, todo_arm, bar) -> None:
         for chunk in self._chunks(todo_base):
             bar.set_postfix_str("baseline")
-            self._save_baseline(store, run_baseline(self.protocol, chunk, bar.update))
+            trained, keep = self._start(chunk)
+            payloads = run_baseline(self.protocol, chunk, bar.update, trained=trained, keep_trained=keep)
+            self._save_baseline(store, self._keep_trained(payloads))
         for arm, specs in todo_arm.items():
             for chunk in self._chunks(specs):
                 bar.set_postfix_str(arm)
@@ -310,8 +377,11 @@ class ClinicalTrial:
         # driver's module state (engine_options in the driver applies to the workers too)
         engine = dataclasses.asdict(settings.ENGINE)
         pending: dict[Future, tuple[str, list[PatientSpec]]] = {}
+        spine_epochs: dict[int, int] = {}
         for chunk in self._chunks(todo_base):
-            fut = self.executor.submit(_baseline_payloads, data, [s.to_dict() for s in chunk], engine)
+            spine_epochs[id(chunk)] = self._spine_epochs(chunk)
+            fut = self.executor.submit(_baseline_payloads, data, [s.to_dict() for s in chunk],
+                                       *self._start(chunk), engine)
             pending[fut] = ("baseline", chunk)
 
         def submit_arms(specs: list[PatientSpec]) -> None:
@@ -331,11 +401,12 @@ class ClinicalTrial:
                 kind, chunk = pending.pop(fut)
                 result = fut.result()
                 if kind == "baseline":
-                    self._save_baseline(store, result)
+                    self._save_baseline(store, self._keep_trained(result))
                     submit_arms(chunk)
+                    bar.update(spine_epochs[id(chunk)])
                 else:
                     self._save_arm(store, kind, chunk, result)
-                bar.update(len(chunk) * epochs[kind])
+                    bar.update(len(chunk) * epochs[kind])
         finally:
             for fut in pending:  # after a failure: drop queued units (finished ones are stored)
                 fut.cancel()
