@@ -14,7 +14,7 @@ from test_bad_input import TINY
 from virtualpatient import ClinicalTrial, trial
 from virtualpatient.cli import main
 from virtualpatient.protocol import Protocol, ProtocolError
-from virtualpatient.sweeps import SweepSpec, cohort_seed, expand, load_plan, run_sweep
+from virtualpatient.sweeps import SweepSpec, cohort_seed, expand, load_plan, reused_spine_epochs, run_sweep
 
 SWEEP = TINY + """
 [sweep]
@@ -199,6 +199,10 @@ def test_shipped_sweep_studies_load_and_expand(name, n_levels, columns):
         assert [lv.values["pruning.fraction"] for lv in levels][::19] == [0.8, 0.99]
     if name in ("pruning_cliff", "dose_response"):  # acute questions: no maintenance is trained
         assert all(lv.protocol.longitudinal.durations == () for lv in levels)
+        # the baseline training is run by the first level only (shared spine or shared training)
+        assert reused_spine_epochs(levels) == [0] + [plan.protocol.baseline.epochs] * (n_levels - 1)
+    if name == "replication":  # every cohort its own patients
+        assert reused_spine_epochs(levels) == [0] * n_levels
     if name == "replication":
         assert [lv.cohort for lv in levels] == [0, 1, 2, 3, 4] and levels[0].protocol.seed == plan.protocol.seed
 

@@ -147,7 +147,7 @@ def _execute(args: argparse.Namespace, plan):
     from virtualpatient.distributed import default_workers
     from virtualpatient.engine import native
     from virtualpatient.store import CodeChangedWarning
-    from virtualpatient.sweeps import run_sweep
+    from virtualpatient.sweeps import reused_spine_epochs, run_sweep
     from virtualpatient.trial import ClinicalTrial
 
     native.sparse_setting()  # a bad environment switch is refused before any work
@@ -156,11 +156,15 @@ def _execute(args: argparse.Namespace, plan):
         _check_cuda("--device cuda" if args.device else f"{args.study or 'the protocol'}: device")
     levels = plan.levels(max_levels=None if args.yes else limits.MAX_LEVELS)
 
+    reused = reused_spine_epochs(levels)
+
     def sized(workers: int, per_unit: int | None) -> limits.Estimate:
         parts = []
-        for level in levels:
+        for level, shared in zip(levels, reused, strict=True):
             trial = ClinicalTrial(level.protocol, patients_per_unit=per_unit, progress=False)
-            parts.append(limits.estimate(level.protocol, trial.epochs_per_patient(), trial.patients_per_unit, workers))
+            epochs = trial.epochs_per_patient()
+            epochs["baseline"] -= shared
+            parts.append(limits.estimate(level.protocol, epochs, trial.patients_per_unit, workers))
         return limits.Estimate(max(p.memory_bytes for p in parts), parts[0].available_bytes,
                                sum(p.seconds for p in parts), parts[0].workers)
 

@@ -294,6 +294,25 @@ def trained_key(protocol: Protocol) -> str | None:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def reused_spine_epochs(levels: Sequence[Level]) -> list[int]:
+    """Per level, the spine's training epochs per patient that an earlier level of the same sweep has
+    already run (the whole spine for an equal :func:`spine_key`, the training before the lesion for
+    an equal :func:`trained_key`), so a run's estimate counts each only once."""
+    from virtualpatient.phases import resolve, trained_prefix
+
+    spines: set[str] = set()
+    trained: set[str] = set()
+    out = []
+    for level in levels:
+        spine, _ = resolve(level.protocol)
+        skey, tkey = spine_key(level.protocol), trained_key(level.protocol)
+        part = spine if skey in spines else spine[:trained_prefix(spine, level.protocol)] if tkey in trained else ()
+        out.append(sum(p.training_epochs(level.protocol) for p in part))
+        spines.add(skey)
+        trained.update([tkey] if tkey is not None else [])
+    return out
+
+
 def _adopt_spines(source: Path, target: Path, protocol: Protocol) -> None:
     """Copy the finished spine units of ``source`` (a level with the same :func:`spine_key`) that
     ``target`` lacks, through the store's checks, so the level does not train them again."""
