@@ -8,6 +8,7 @@ command resumes.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -89,6 +90,32 @@ def test_estimate_grows_with_the_unit_and_the_schedule():
     assert longer.seconds == pytest.approx(2 * ten.seconds)
     # the paper's study in units of 10 fits on a 24 GiB machine: the estimate must not refuse it
     assert ten.memory_bytes < 4 * 2**30
+
+
+def test_the_estimate_learns_this_machines_speed_and_survives_a_damaged_record(tmp_path, monkeypatch):
+    """A finished run of a minute or more records the speed its estimate would have needed; the next
+    estimate uses the median of the last records (and says so); short runs are not recorded; a
+    damaged or hostile speed file is ignored, never an error."""
+    from virtualpatient import ClinicalTrial, Protocol, limits
+
+    monkeypatch.setenv("VIRTUALPATIENT_CACHE", str(tmp_path))
+    protocol = Protocol()
+    epochs = ClinicalTrial(protocol, progress=False).epochs_per_patient()
+    rough = limits.estimate(protocol, epochs, 5, 2, speed=limits.measured_speed())
+    assert not rough.measured and "rough figure" in rough.describe()
+    assert not limits.record_speed(rough, limits.MIN_RECORDED_SECONDS / 2)
+    for factor in (4.0, 5.0, 100.0):  # runs 4x, 5x and 100x slower than estimated
+        assert limits.record_speed(rough, factor * rough.seconds)
+    speed = limits.measured_speed()
+    assert speed == pytest.approx(limits.FLOPS_PER_WORKER / 5.0)
+    learned = limits.estimate(protocol, epochs, 5, 2, speed=speed)
+    assert learned.seconds == pytest.approx(5.0 * rough.seconds) and "measured on this machine" in learned.describe()
+    hostile = json.dumps({limits._speed_key(): [-1, "a", True, 1e300, None]})  # this machine's, all unusable
+    for junk in ("{not json", "[1, 2]", '{"x": "y"}', hostile):
+        (tmp_path / "virtualpatient" / "speed.json").write_text(junk)
+        assert limits.measured_speed() is None
+        assert limits.record_speed(rough, 2 * rough.seconds)  # and the file is usable again
+        assert limits.measured_speed() == pytest.approx(limits.FLOPS_PER_WORKER / 2.0)
 
 
 def test_unexpected_exception_is_one_line_and_a_log(study, tmp_path, monkeypatch, capsys):

@@ -157,6 +157,7 @@ def _execute(args: argparse.Namespace, plan):
     levels = plan.levels(max_levels=None if args.yes else limits.MAX_LEVELS)
 
     reused = reused_spine_epochs(levels)
+    speed = limits.measured_speed()
 
     def sized(workers: int, per_unit: int | None) -> limits.Estimate:
         parts = []
@@ -164,9 +165,10 @@ def _execute(args: argparse.Namespace, plan):
             trial = ClinicalTrial(level.protocol, patients_per_unit=per_unit, progress=False)
             epochs = trial.epochs_per_patient()
             epochs["baseline"] -= shared
-            parts.append(limits.estimate(level.protocol, epochs, trial.patients_per_unit, workers))
+            parts.append(limits.estimate(level.protocol, epochs, trial.patients_per_unit, workers, speed=speed))
         return limits.Estimate(max(p.memory_bytes for p in parts), parts[0].available_bytes,
-                               sum(p.seconds for p in parts), parts[0].workers)
+                               sum(p.seconds for p in parts), parts[0].workers, flops=sum(p.flops for p in parts),
+                               measured=speed is not None)
 
     if args.scheduler is None and args.workers is None:
         # a run estimated under a minute stays in this process: starting workers costs seconds each
@@ -185,6 +187,9 @@ def _execute(args: argparse.Namespace, plan):
     arms = protocol.regimens or protocol.arms  # a schedule's regimens are its results' arms
     print(f"study {protocol.name}: {protocol.n_patients} patients, arms {', '.join(arms)}{sweep}; "
           f"run folder {out}", flush=True)
+    # a run from scratch on this machine's own workers tells the next estimate how fast it is
+    fresh = args.scheduler is None and not (Path(out) / "manifest.json").exists()
+    started = time.monotonic()
     with _executor(args) as executor, warnings.catch_warnings():
         warnings.simplefilter("always", CodeChangedWarning)
         warnings.showwarning = _OneLineWarnings()  # restored by catch_warnings
@@ -195,6 +200,8 @@ def _execute(args: argparse.Namespace, plan):
         else:
             results = run_sweep(plan, out, executor=executor, patients_per_unit=per_unit,
                                 progress=not args.no_progress, levels=levels)
+    if fresh:
+        limits.record_speed(est, time.monotonic() - started)
     return results, out
 
 

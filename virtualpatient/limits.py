@@ -7,6 +7,10 @@ field has finite bounds too, so NaN and inf never reach the engine. :func:`estim
 run on this machine before it starts (the command line prints it, and refuses a run that would not
 fit in memory unless told ``--yes``).
 
+The time estimate's arithmetic rate is learned: a finished run records, for this machine, the
+rate its estimate would have needed to be right (:func:`record_speed`), and later estimates use the
+median of the last few records (:func:`measured_speed`); until then a rough default.
+
 This module imports no torch, so the checks cost nothing at load time.
 
 Examples
@@ -14,21 +18,30 @@ Examples
 >>> MAX_PATIENTS
 10000
 >>> est = Estimate(memory_bytes=3 * 2**30, available_bytes=2 * 2**30, seconds=5400.0, workers=2)
->>> est.fits, est.describe()
-(False, 'peak memory about 3.0 GiB (available 2.0 GiB); about 1.5 h on 2 worker(s)')
+>>> est.fits
+False
+>>> est.describe()  # doctest: +NORMALIZE_WHITESPACE
+'peak memory about 3.0 GiB (available 2.0 GiB); about 1.5 h on 2 worker(s)
+ (a rough figure: no run measured here yet)'
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import platform
+import statistics
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 __all__ = [
     "MAX_EPOCHS", "MAX_GAIN", "MAX_LAYERS", "MAX_LAYER_UNITS", "MAX_LR", "MAX_NOISE", "MAX_PATIENTS",
     "MAX_POSITION", "MAX_SAMPLES", "MAX_SCALE", "MAX_STUDY_BYTES", "MAX_SEED", "MAX_STEPS", "MAX_LEVELS", "MAX_WORKERS",
-    "Estimate", "available_memory", "estimate",
+    "Estimate", "available_memory", "cache_dir", "cpu_signature", "estimate", "measured_speed", "record_speed",
 ]
 
 #: Patients in one study (the paper has 10; the family's largest sweeps a few hundred).
@@ -74,6 +87,10 @@ _BASE_BYTES = 400 * 2**20
 #: training at the lesion's density, ran in 500 s on two workers of an AVX-512 machine; an AVX2
 #: machine is about half as fast). A rough figure for an estimate, not a promise.
 FLOPS_PER_WORKER = 5e10
+#: Runs shorter than this are not recorded as the machine's speed (start-up costs dominate them).
+MIN_RECORDED_SECONDS = 60.0
+#: Recorded speeds kept per machine; an estimate uses their median.
+SPEED_RECORDS = 5
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,10 @@ class Estimate:
     available_bytes: float | None
     seconds: float
     workers: int
+    #: Dense-equivalent arithmetic of the run (what :func:`record_speed` divides by the wall time).
+    flops: float = 0.0
+    #: Whether ``seconds`` uses a speed measured on this machine (else the rough default).
+    measured: bool = False
 
     @property
     def fits(self) -> bool:
@@ -102,7 +123,75 @@ class Estimate:
         hours = self.seconds / 3600
         time = f"{hours:.1f} h" if hours >= 1 else f"{self.seconds / 60:.0f} min" if self.seconds >= 60 else \
             "under a minute"
-        return f"peak memory about {self.memory_bytes / gib:.1f} GiB{avail}; about {time} on {self.workers} worker(s)"
+        how = "at the speed measured on this machine" if self.measured else "a rough figure: no run measured here yet"
+        return (f"peak memory about {self.memory_bytes / gib:.1f} GiB{avail}; about {time} on {self.workers} "
+                f"worker(s) ({how})")
+
+
+def cache_dir() -> Path:
+    """Where the package keeps what it learns about this machine (built kernels, measured speed):
+    ``$VIRTUALPATIENT_CACHE``, else ``$XDG_CACHE_HOME``, else ``~/.cache``, then ``virtualpatient``."""
+    root = os.environ.get("VIRTUALPATIENT_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "virtualpatient"
+
+
+def cpu_signature() -> str:
+    """Something that changes when the CPU does: its model and feature flags (``/proc/cpuinfo``)."""
+    sig = platform.machine() + platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                sig += line
+            if line.startswith("flags"):
+                break
+    except OSError:
+        pass
+    return sig
+
+
+def _speed_key() -> str:
+    # the instruction-set switches change the speed as much as the CPU does (docs/performance.md)
+    switches = [os.environ.get(k, "") for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "VIRTUALPATIENT_MARCH")]
+    return hashlib.sha256("|".join([cpu_signature(), str(os.cpu_count()), *switches]).encode()).hexdigest()[:16]
+
+
+def _read_speeds(path: Path) -> dict[str, list[float]]:
+    """The speed file, or nothing where it is missing or not what this module writes."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: [float(x) for x in v if isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < 1e16]
+            for k, v in data.items() if isinstance(k, str) and isinstance(v, list)}
+
+
+def measured_speed() -> float | None:
+    """This machine's dense-equivalent FLOP/s per worker, from its last recorded runs (``None``
+    until a run of at least :data:`MIN_RECORDED_SECONDS` has finished here)."""
+    speeds = _read_speeds(cache_dir() / "speed.json").get(_speed_key())
+    return statistics.median(speeds) if speeds else None
+
+
+def record_speed(estimate: Estimate, seconds: float) -> bool:
+    """Record the speed a finished run achieved on this machine: its estimate's arithmetic over
+    ``seconds`` of wall time on its workers. Runs shorter than :data:`MIN_RECORDED_SECONDS` are
+    not recorded; nor is anything when the cache cannot be written. Returns whether it was."""
+    if not (seconds >= MIN_RECORDED_SECONDS and estimate.flops > 0):
+        return False
+    path = cache_dir() / "speed.json"
+    speeds = _read_speeds(path)
+    key = _speed_key()
+    speeds[key] = [*speeds.get(key, []), estimate.flops / (seconds * max(1, estimate.workers))][-SPEED_RECORDS:]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as fh:
+            json.dump(speeds, fh)
+        os.replace(fh.name, path)
+    except OSError:
+        return False
+    return True
 
 
 def available_memory() -> float | None:
@@ -114,7 +203,7 @@ def available_memory() -> float | None:
 
 
 def estimate(protocol: Any, epochs_per_patient: Mapping[str, int], patients_per_unit: int,
-             workers: int = 1, eval_max_bytes: float = 256 * 2**20) -> Estimate:
+             workers: int = 1, eval_max_bytes: float = 256 * 2**20, speed: float | None = None) -> Estimate:
     """Estimate the peak memory and the wall time of running ``protocol``.
 
     Parameters
@@ -129,13 +218,16 @@ def estimate(protocol: Any, epochs_per_patient: Mapping[str, int], patients_per_
         Units running at once.
     eval_max_bytes
         The engine's bound on one evaluation buffer.
+    speed
+        Dense-equivalent FLOP/s of one worker, as :func:`measured_speed` gives it for this machine;
+        ``None``: the rough :data:`FLOPS_PER_WORKER`.
 
     Notes
     -----
     Memory: each running unit holds ``_PARAM_COPIES`` + one per maintenance duration copies of its
     patients' parameters (float32), their data sets and the evaluation buffers. Time: training
     epochs x points x weights x 6 (forward and backward) at the density after the lesion (the
-    baseline dense), at :data:`FLOPS_PER_WORKER`.
+    baseline dense), at ``speed``.
     """
     sizes = protocol.network.layer_sizes
     n_weights = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
@@ -157,5 +249,6 @@ def estimate(protocol: Any, epochs_per_patient: Mapping[str, int], patients_per_
         regrow = getattr(protocol.arms.get(kind), "regrow_fraction", 0.0)
         share += (1.0 - share) * regrow
         flops += protocol.n_patients * epochs * task.n_train * n_weights * 6 * share
-    seconds = flops / (FLOPS_PER_WORKER * max(1, running))
-    return Estimate(memory_bytes=memory, available_bytes=available_memory(), seconds=seconds, workers=running)
+    seconds = flops / ((speed or FLOPS_PER_WORKER) * max(1, running))
+    return Estimate(memory_bytes=memory, available_bytes=available_memory(), seconds=seconds, workers=running,
+                    flops=flops, measured=speed is not None)

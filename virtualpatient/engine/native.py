@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from virtualpatient.errors import UsageError
+from virtualpatient.limits import cache_dir, cpu_signature
 
 __all__ = [
     "KERNELS",
@@ -63,25 +64,6 @@ _lock = threading.Lock()
 _native: ctypes.CDLL | None = None
 _native_tried = False
 _pool: ThreadPoolExecutor | None = None
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("VIRTUALPATIENT_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "virtualpatient"
-
-
-def _cpu_signature() -> str:
-    """Something that changes when the CPU does (a ``-march=native`` library is built for it)."""
-    sig = platform.machine() + platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                sig += line
-            if line.startswith("flags"):
-                break
-    except OSError:
-        pass
-    return sig
 
 
 def _cpu_flags() -> set[str] | None:
@@ -154,13 +136,13 @@ def _compile(march: str = "native") -> ctypes.CDLL | None:
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         return None
-    machine = _cpu_signature() if march == "native" else platform.machine()
+    machine = cpu_signature() if march == "native" else platform.machine()
     sources = kernel_sources()
     if not sources:
         raise FileNotFoundError(f"no C sources in {KERNELS}")
     texts = [part for name, text in sources.items() for part in (name, text)]
     key = hashlib.sha256("\0".join((*texts, cc, _FLAGS, march, machine)).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"vp_sparse_{march}_{key}.so"
+    target = cache_dir() / f"vp_sparse_{march}_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
