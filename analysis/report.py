@@ -48,7 +48,7 @@ from virtualpatient.errors import VirtualPatientError
 from virtualpatient.names import inside
 from virtualpatient.schema import LEVELS_FILE, tag_level
 
-__all__ = ["ReportError", "RunData", "load_run", "write_report"]
+__all__ = ["ReportError", "RunData", "load_run", "unfinished_sweep", "write_report"]
 
 FIGURES_DIR = "figures"
 
@@ -132,11 +132,16 @@ def load_run(run_dir: str | Path) -> RunData:
     if not path.is_dir():
         raise ReportError(f"{path}: run folder not found")
     csv_path = path / "results.csv"
-    partial = None
-    if csv_path.is_file():
+    partial = unfinished_sweep(path)
+    if partial is not None:
+        fields, levels = _sweep_plan(path)
+        results = pd.concat([tag_level(_read_results(inside(path, "levels", lv["name"], "results.csv")), fields,
+                                       lv["values"], lv["cohort"]) for lv in _finished(path, levels)],
+                            ignore_index=True)
+        if partial[0] == partial[1]:
+            partial = None  # every level finished; only the sweep's own results.csv was not written
+    elif csv_path.is_file():
         results = _read_results(csv_path)
-    elif (path / LEVELS_FILE).is_file():
-        results, partial = _finished_levels(path)
     else:
         raise ReportError(f"{path}: has no results.csv; is it a run folder?")
     docs = {}
@@ -160,9 +165,37 @@ def load_run(run_dir: str | Path) -> RunData:
 _LEVEL_NAME = re.compile(r"L[0-9a-f]{12}")
 
 
-def _finished_levels(path: Path) -> tuple[pd.DataFrame, tuple[int, int]]:
-    """The rows of an unfinished sweep's finished levels, tagged as the sweep tags them, and
-    ``(finished, planned)``; :class:`ReportError` when the plan is damaged or no level finished."""
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def unfinished_sweep(run_dir: str | Path) -> tuple[int, int] | None:
+    """``(finished, planned)`` levels of a sweep folder whose last run has not finished (still
+    running, or interrupted), else ``None``: a sweep rewrites its plan (``levels.json``) when it
+    starts and its ``results.csv`` when it ends, so a plan newer than the results (or no results)
+    means the results are to be read from the finished levels.
+
+    Raises
+    ------
+    ReportError
+        The plan is damaged or hostile, or no level has finished yet.
+    """
+    path = Path(run_dir)
+    csv_path, plan_path = path / "results.csv", path / LEVELS_FILE
+    if not plan_path.is_file() or (csv_path.is_file() and _mtime(csv_path) >= _mtime(plan_path)):
+        return None
+    _, levels = _sweep_plan(path)
+    done = len(_finished(path, levels))
+    if not done:
+        raise ReportError(f"{path}: no level of the sweep has finished yet (0 of {len(levels)}); nothing to report")
+    return done, len(levels)
+
+
+def _sweep_plan(path: Path) -> tuple[list[str], list[dict]]:
+    """A sweep folder's swept fields and levels, checked (a level name must be a level folder's)."""
     plan_path = path / LEVELS_FILE
     try:
         plan = json.loads(plan_path.read_text(encoding="utf-8"))
@@ -175,14 +208,11 @@ def _finished_levels(path: Path) -> tuple[pd.DataFrame, tuple[int, int]]:
                 raise ValueError(f"bad level entry {str(lv)[:80]}")
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ReportError(f"{plan_path}: is not a sweep plan ({_first_line(exc)})") from None
-    frames = []
-    for lv in levels:
-        csv_path = inside(path, "levels", lv["name"], "results.csv")
-        if csv_path.is_file():
-            frames.append(tag_level(_read_results(csv_path), fields, lv["values"], lv["cohort"]))
-    if not frames:
-        raise ReportError(f"{path}: no level of the sweep has finished yet (0 of {len(levels)}); nothing to report")
-    return pd.concat(frames, ignore_index=True), (len(frames), len(levels))
+    return fields, levels
+
+
+def _finished(path: Path, levels: list[dict]) -> list[dict]:
+    return [lv for lv in levels if inside(path, "levels", lv["name"], "results.csv").is_file()]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -356,3 +356,27 @@ def test_a_lesion_sweep_trains_each_patient_once_with_the_same_numbers(monkeypat
             rows = results[results["pruning.fraction"] == lv.values["pruning.fraction"]]
             pd.testing.assert_frame_equal(rows.drop(columns=["pruning.fraction", "cohort"]).reset_index(drop=True),
                                           alone)
+
+
+def test_a_sweep_resumed_with_more_levels_and_stopped_reports_every_finished_level(swept, tmp_path):
+    """Resuming a finished sweep with more levels rewrites its plan; stopped before the end, its old
+    results.csv is older than the plan, so the report reads the finished levels (all the old ones)
+    and says one is missing, instead of silently showing the old results alone."""
+    import os
+
+    from analysis.report import load_run
+
+    _, out, _ = swept
+    grown = tmp_path / "grown"
+    shutil.copytree(out, grown)
+    plan = json.loads((grown / "levels.json").read_text())
+    n = len(plan["levels"])
+    plan["levels"].append({"name": "L000000000000", "values": {"pruning.fraction": 0.99}, "cohort": 0})
+    (grown / "levels.json").write_text(json.dumps(plan))
+    stamp = (grown / "results.csv").stat().st_mtime_ns
+    os.utime(grown / "levels.json", ns=(stamp + 10**9, stamp + 10**9))
+    run = load_run(grown)
+    assert run.partial == (n, n + 1)
+    pd.testing.assert_frame_equal(run.results, load_run(out).results)
+    os.utime(grown / "results.csv", ns=(stamp + 2 * 10**9, stamp + 2 * 10**9))  # the run finished after all
+    assert load_run(grown).partial is None

@@ -291,14 +291,16 @@ class _executor:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from analysis.report import write_report
+    from analysis.report import unfinished_sweep, write_report
     from virtualpatient.schema import LEVELS_FILE
 
-    finished = (args.run_dir / "results.csv").is_file()
-    if not finished and not (args.run_dir / LEVELS_FILE).is_file():
+    if not (args.run_dir / "results.csv").is_file() and not (args.run_dir / LEVELS_FILE).is_file():
         return _fail(f"{args.run_dir}: no results.csv (not a finished run folder)")
+    progress = unfinished_sweep(args.run_dir)
     path = write_report(args.run_dir)
-    print(f"report written: {path}" + ("" if finished else " (an unfinished sweep: its finished levels only)"))
+    unfinished = "" if progress is None or progress[0] == progress[1] else \
+        f" (an unfinished sweep: its {progress[0]} finished levels of {progress[1]})"
+    print(f"report written: {path}{unfinished}")
     return 0
 
 
