@@ -85,6 +85,7 @@ def run_baseline(protocol: Protocol, specs: Sequence[PatientSpec], tick: Tick = 
     prefix = trained_prefix(spine, protocol) if trained is not None or keep_trained else 0
     ctx = Context(protocol, SPINE, tick)
     rows: list[dict] = []
+    kept: dict[int, dict] | None = None  # patient index -> its trained state, when asked to keep it
     if trained is not None:
         if not prefix:
             raise ValueError("trained states given, but this spine trains nothing before a lesion")
@@ -102,7 +103,7 @@ def run_baseline(protocol: Protocol, specs: Sequence[PatientSpec], tick: Tick = 
                     for s, payload in zip(specs, _payloads(groups, rows, specs))}
     groups, more = run_schedule(spine, groups, ctx, start=prefix)
     out = _payloads(groups, rows + _strip(more), specs)
-    if keep_trained and prefix and trained is None:
+    if kept is not None:
         for s, payload in zip(specs, out):
             payload["trained"] = kept[s.index]
     return out
