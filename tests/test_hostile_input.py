@@ -104,6 +104,8 @@ def test_the_estimate_learns_this_machines_speed_and_survives_a_damaged_record(t
     rough = limits.estimate(protocol, epochs, 5, 2, speed=limits.measured_speed())
     assert not rough.measured and "rough figure" in rough.describe()
     assert not limits.record_speed(rough, limits.MIN_RECORDED_SECONDS / 2)
+    tiny = limits.estimate(protocol, {k: 0 for k in epochs} | {"baseline": 1}, 5, 2)  # mostly start-up
+    assert not limits.record_speed(tiny, 10 * limits.MIN_RECORDED_SECONDS)
     for factor in (4.0, 5.0, 100.0):  # runs 4x, 5x and 100x slower than estimated
         assert limits.record_speed(rough, factor * rough.seconds)
     speed = limits.measured_speed()

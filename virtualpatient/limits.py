@@ -87,7 +87,8 @@ _BASE_BYTES = 400 * 2**20
 #: training at the lesion's density, ran in 500 s on two workers of an AVX-512 machine; an AVX2
 #: machine is about half as fast). A rough figure for an estimate, not a promise.
 FLOPS_PER_WORKER = 5e10
-#: Runs shorter than this are not recorded as the machine's speed (start-up costs dominate them).
+#: Runs shorter than this, or with less training than this many seconds at :data:`FLOPS_PER_WORKER`,
+#: are not recorded as the machine's speed (start-up costs and tests dominate them).
 MIN_RECORDED_SECONDS = 60.0
 #: Recorded speeds kept per machine; an estimate uses their median.
 SPEED_RECORDS = 5
@@ -176,9 +177,11 @@ def measured_speed() -> float | None:
 
 def record_speed(estimate: Estimate, seconds: float) -> bool:
     """Record the speed a finished run achieved on this machine: its estimate's arithmetic over
-    ``seconds`` of wall time on its workers. Runs shorter than :data:`MIN_RECORDED_SECONDS` are
-    not recorded; nor is anything when the cache cannot be written. Returns whether it was."""
-    if not (seconds >= MIN_RECORDED_SECONDS and estimate.flops > 0):
+    ``seconds`` of wall time on its workers. Runs shorter than :data:`MIN_RECORDED_SECONDS`, or
+    whose training would take less than that at the rough rate (a tiny study is mostly start-up
+    and tests), are not recorded; nor is anything when the cache cannot be written. Returns
+    whether it was."""
+    if not (seconds >= MIN_RECORDED_SECONDS and estimate.flops >= MIN_RECORDED_SECONDS * FLOPS_PER_WORKER):
         return False
     path = cache_dir() / "speed.json"
     speeds = _read_speeds(path)
