@@ -257,20 +257,28 @@ def _swept_regimens(protocol: Protocol, values: dict[str, Any], source: str) -> 
     return protocol.replace(schedule=spine, regimens=kept)
 
 
+def _settings_hash(protocol: Protocol, phases: Sequence, leave_out: tuple[str, ...]) -> str:
+    """A hash of the protocol's settings without ``leave_out`` and the arms ``phases`` never treat
+    with, and of ``phases``: what those phases compute from."""
+    from virtualpatient.phases import arms_used
+
+    used = arms_used(phases)
+    data = protocol.to_dict(complete=True)
+    for key in leave_out:
+        data.pop(key, None)
+    data["arms"] = {name: arm for name, arm in data["arms"].items() if name in used}
+    data["phases"] = [p.to_dict() for p in phases]
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def spine_key(protocol: Protocol) -> str:
     """A hash of everything a protocol's spine computes from: the protocol without its regimens and
     without the arms the spine never treats with. Two levels with equal keys have equal spines
     (baseline training, lesion, untreated rows), so a sweep of arm fields trains them once."""
-    from virtualpatient.phases import arms_used, resolve
+    from virtualpatient.phases import resolve
 
     spine, _ = resolve(protocol)
-    used = arms_used(spine)
-    data = protocol.to_dict(complete=True)
-    for key in ("regimens", "interpretations", "n_patients", "device", "compare_with"):
-        data.pop(key, None)
-    data["arms"] = {name: arm for name, arm in data["arms"].items() if name in used}
-    data["spine"] = [p.to_dict() for p in spine]
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return _settings_hash(protocol, spine, ("regimens", "interpretations", "n_patients", "device", "compare_with"))
 
 
 def trained_key(protocol: Protocol) -> str | None:
@@ -279,19 +287,14 @@ def trained_key(protocol: Protocol) -> str | None:
     before a lesion. The lesion's settings are left out: two levels of a lesion sweep with shared
     baselines have equal keys, so the second starts each patient's spine from the first one's
     trained network instead of training it again."""
-    from virtualpatient.phases import arms_used, resolve, trained_prefix
+    from virtualpatient.phases import resolve, trained_prefix
 
     spine, _ = resolve(protocol)
     k = trained_prefix(spine, protocol)
     if not k:
         return None
-    used = arms_used(spine[:k])
-    data = protocol.to_dict(complete=True)
-    for key in ("regimens", "schedule", "interpretations", "device", "compare_with", "pruning"):
-        data.pop(key, None)
-    data["arms"] = {name: arm for name, arm in data["arms"].items() if name in used}
-    data["trained"] = [p.to_dict() for p in spine[:k]]
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return _settings_hash(protocol, spine[:k], ("regimens", "schedule", "interpretations", "device", "compare_with",
+                                                "pruning"))
 
 
 def reused_spine_epochs(levels: Sequence[Level]) -> list[int]:
@@ -301,15 +304,20 @@ def reused_spine_epochs(levels: Sequence[Level]) -> list[int]:
     from virtualpatient.phases import resolve, trained_prefix
 
     spines: set[str] = set()
-    trained: set[str] = set()
+    trained: set[str | None] = {None}
     out = []
     for level in levels:
         spine, _ = resolve(level.protocol)
         skey, tkey = spine_key(level.protocol), trained_key(level.protocol)
-        part = spine if skey in spines else spine[:trained_prefix(spine, level.protocol)] if tkey in trained else ()
-        out.append(sum(p.training_epochs(level.protocol) for p in part))
+        if skey in spines:
+            done = spine
+        elif tkey in trained:  # None (nothing trained before a lesion) gives an empty prefix
+            done = spine[:trained_prefix(spine, level.protocol)]
+        else:
+            done = ()
+        out.append(sum(p.training_epochs(level.protocol) for p in done))
         spines.add(skey)
-        trained.update([tkey] if tkey is not None else [])
+        trained.add(tkey)
     return out
 
 
@@ -390,8 +398,11 @@ def run_sweep(plan: Plan, out: str | Path | None = None, *, executor=None, patie
     # differ (equal spines are adopted whole)
     keys = [trained_key(level.protocol) for level in levels]
     spine_keys = [spine_key(level.protocol) for level in levels]
-    trained: dict[str, dict[int, dict]] = {
-        k: {} for k in set(keys) - {None} if len({sk for tk, sk in zip(keys, spine_keys) if tk == k}) > 1}
+    spines_of: dict[str, set[str]] = {}
+    for tkey, skey in zip(keys, spine_keys):
+        if tkey is not None:
+            spines_of.setdefault(tkey, set()).add(skey)
+    trained: dict[str, dict[int, dict]] = {tkey: {} for tkey, skeys in spines_of.items() if len(skeys) > 1}
     with store.session(plan.protocol):
         store.write_json(LEVELS_FILE, {"fields": paths, "levels": [
             {"name": lv.name, "values": lv.values, "cohort": lv.cohort} for lv in levels]})
