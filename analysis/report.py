@@ -134,7 +134,7 @@ def load_run(run_dir: str | Path) -> RunData:
     csv_path = path / "results.csv"
     partial = unfinished_sweep(path)
     if partial is not None:
-        fields, levels = _sweep_plan(path)
+        fields, levels, _ = _sweep_plan(path)
         results = pd.concat([tag_level(_read_results(inside(path, "levels", lv["name"], "results.csv")), fields,
                                        lv["values"], lv["cohort"]) for lv in _finished(path, levels)],
                             ignore_index=True)
@@ -165,18 +165,12 @@ def load_run(run_dir: str | Path) -> RunData:
 _LEVEL_NAME = re.compile(r"L[0-9a-f]{12}")
 
 
-def _mtime(path: Path) -> int:
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return 0
-
-
 def unfinished_sweep(run_dir: str | Path) -> tuple[int, int] | None:
     """``(finished, planned)`` levels of a sweep folder whose last run has not finished (still
-    running, or interrupted), else ``None``: a sweep rewrites its plan (``levels.json``) when it
-    starts and its ``results.csv`` when it ends, so a plan newer than the results (or no results)
-    means the results are to be read from the finished levels.
+    running, or interrupted), else ``None``. A sweep writes its plan (``levels.json``) with
+    ``"finished": false`` when it starts and sets it once its ``results.csv`` is written; until then
+    the results are read from the levels that finished (a finished sweep resumed with more levels
+    keeps an older ``results.csv`` that lacks them).
 
     Raises
     ------
@@ -184,18 +178,21 @@ def unfinished_sweep(run_dir: str | Path) -> tuple[int, int] | None:
         The plan is damaged or hostile, or no level has finished yet.
     """
     path = Path(run_dir)
-    csv_path, plan_path = path / "results.csv", path / LEVELS_FILE
-    if not plan_path.is_file() or (csv_path.is_file() and _mtime(csv_path) >= _mtime(plan_path)):
+    csv_path = path / "results.csv"
+    if not (path / LEVELS_FILE).is_file():
         return None
-    _, levels = _sweep_plan(path)
+    _, levels, finished = _sweep_plan(path)
+    if finished and csv_path.is_file():
+        return None
     done = len(_finished(path, levels))
     if not done:
         raise ReportError(f"{path}: no level of the sweep has finished yet (0 of {len(levels)}); nothing to report")
     return done, len(levels)
 
 
-def _sweep_plan(path: Path) -> tuple[list[str], list[dict]]:
-    """A sweep folder's swept fields and levels, checked (a level name must be a level folder's)."""
+def _sweep_plan(path: Path) -> tuple[list[str], list[dict], bool]:
+    """A sweep folder's swept fields, levels and whether its run finished, checked (a level name
+    must be a level folder's)."""
     plan_path = path / LEVELS_FILE
     try:
         plan = json.loads(plan_path.read_text(encoding="utf-8"))
@@ -208,7 +205,7 @@ def _sweep_plan(path: Path) -> tuple[list[str], list[dict]]:
                 raise ValueError(f"bad level entry {str(lv)[:80]}")
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ReportError(f"{plan_path}: is not a sweep plan ({_first_line(exc)})") from None
-    return fields, levels
+    return fields, levels, plan.get("finished") is True
 
 
 def _finished(path: Path, levels: list[dict]) -> list[dict]:

@@ -359,24 +359,21 @@ def test_a_lesion_sweep_trains_each_patient_once_with_the_same_numbers(monkeypat
 
 
 def test_a_sweep_resumed_with_more_levels_and_stopped_reports_every_finished_level(swept, tmp_path):
-    """Resuming a finished sweep with more levels rewrites its plan; stopped before the end, its old
-    results.csv is older than the plan, so the report reads the finished levels (all the old ones)
-    and says one is missing, instead of silently showing the old results alone."""
-    import os
-
+    """Resuming a finished sweep with more levels rewrites its plan as unfinished; stopped before the
+    end, its old results.csv lacks the new levels, so the report reads the finished levels (all the
+    old ones) and says one is missing, instead of silently showing the old results alone. A copy of a
+    finished sweep (file times changed) is still finished."""
     from analysis.report import load_run
 
     _, out, _ = swept
+    assert json.loads((out / "levels.json").read_text())["finished"] is True
     grown = tmp_path / "grown"
-    shutil.copytree(out, grown)
+    shutil.copytree(out, grown, copy_function=shutil.copy)  # no file times kept
+    assert load_run(grown).partial is None
     plan = json.loads((grown / "levels.json").read_text())
     n = len(plan["levels"])
     plan["levels"].append({"name": "L000000000000", "values": {"pruning.fraction": 0.99}, "cohort": 0})
-    (grown / "levels.json").write_text(json.dumps(plan))
-    stamp = (grown / "results.csv").stat().st_mtime_ns
-    os.utime(grown / "levels.json", ns=(stamp + 10**9, stamp + 10**9))
+    (grown / "levels.json").write_text(json.dumps({**plan, "finished": False}))
     run = load_run(grown)
     assert run.partial == (n, n + 1)
     pd.testing.assert_frame_equal(run.results, load_run(out).results)
-    os.utime(grown / "results.csv", ns=(stamp + 2 * 10**9, stamp + 2 * 10**9))  # the run finished after all
-    assert load_run(grown).partial is None

@@ -404,8 +404,9 @@ def run_sweep(plan: Plan, out: str | Path | None = None, *, executor=None, patie
             spines_of.setdefault(tkey, set()).add(skey)
     trained: dict[str, dict[int, dict]] = {tkey: {} for tkey, skeys in spines_of.items() if len(skeys) > 1}
     with store.session(plan.protocol):
-        store.write_json(LEVELS_FILE, {"fields": paths, "levels": [
-            {"name": lv.name, "values": lv.values, "cohort": lv.cohort} for lv in levels]})
+        plan_record = {"fields": paths, "levels": [{"name": lv.name, "values": lv.values, "cohort": lv.cohort}
+                                                   for lv in levels]}
+        store.write_json(LEVELS_FILE, {**plan_record, "finished": False})
         bar = tqdm(levels, desc="levels", unit="level", disable=not progress or len(levels) < 2, dynamic_ncols=True)
         for level, tkey, key in zip(bar, keys, spine_keys):
             bar.set_postfix_str(", ".join(f"{p}={v}" for p, v in level.values.items()) or f"cohort {level.cohort}")
@@ -421,4 +422,5 @@ def run_sweep(plan: Plan, out: str | Path | None = None, *, executor=None, patie
             frames.append(tag_level(frame, paths, level.values, level.cohort))
         result = pd.concat(frames, ignore_index=True)
         store.write_results(result)
+        store.write_json(LEVELS_FILE, {**plan_record, "finished": True})  # results.csv is this plan's
     return result
