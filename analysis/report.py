@@ -706,13 +706,17 @@ def _relapse_section(df: pd.DataFrame, protocol: dict) -> list[_Block]:
     return blocks
 
 
-#: Outcomes a sweep section reports for each swept field: (title, metric, condition, phases). The
-#: phases are the paper's (treated and untreated state); a schedule that has none of them gets its
-#: outcome at every phase that measured it (e.g. a lesion sweep's ``pruned``, a family ``battery``).
+#: Outcomes a sweep section reports for each swept field: (title, metric, condition, phases,
+#: decimals of a level's mean). Efficiency, the two manic-switch proxies (biased accuracy and
+#: activation magnitude) and the two relapse measures. The phases are the paper's (treated and
+#: untreated state); a schedule that has none of them gets its outcome at every phase that measured
+#: it (e.g. a lesion sweep's ``pruned``, a family ``battery``).
 SWEEP_OUTCOMES = [
-    ("Combined-stress accuracy (%)", "accuracy", "combined", ("acute", "pruned")),
-    ("Biased-noise accuracy (%)", "accuracy", "biased", ("acute", "pruned")),
-    ("Relapse probability (%) over maintenance durations", "relapse_probability", "", ("washout",)),
+    ("Combined-stress accuracy (%)", "accuracy", "combined", ("acute", "pruned"), 1),
+    ("Biased-noise accuracy (%)", "accuracy", "biased", ("acute", "pruned"), 1),
+    ("Activation magnitude (mean |h|)", "activation_magnitude", "", ("acute", "pruned"), 3),
+    ("Acute-relapse drop in combined accuracy (points)", "relapse_drop", "", ("acute_relapse",), 2),
+    ("Relapse probability (%) over maintenance durations", "relapse_probability", "", ("washout",), 1),
 ]
 
 
@@ -767,10 +771,10 @@ def _sweep_section(df: pd.DataFrame, out_dir: Path, n_resamples: int, seed: int)
         rows = df[df[field_name].notna() & df[[*others]].isna().all(axis=1)] if others else df[df[field_name].notna()]
         if rows[field_name].nunique() < 2:
             continue
-        outcomes = [(f"{title}, `{phase}`", metric, condition, phase)
-                    for title, metric, condition, preferred in SWEEP_OUTCOMES
+        outcomes = [(f"{title}, `{phase}`", metric, condition, phase, decimals)
+                    for title, metric, condition, preferred, decimals in SWEEP_OUTCOMES
                     for phase in _outcome_phases(rows, metric, condition, preferred)]
-        for title, metric, condition, phase in outcomes:
+        for title, metric, condition, phase, decimals in outcomes:
             sel = rows[(rows["metric"] == metric) & (rows["phase"] == phase) & (rows["condition"] == condition)]
             sel = sel[sel["step"].isna() & sel["maintenance_epochs"].isna()]
             if sel.empty or sel[field_name].nunique() < 2:
@@ -785,8 +789,8 @@ def _sweep_section(df: pd.DataFrame, out_dir: Path, n_resamples: int, seed: int)
             drop = dr.cliff(sel, field_name, **args, n_resamples=min(n_resamples, 1000), seed=seed)
             blocks.append(_Block("h3", f"{title} vs `{field_name}`"))
             blocks.append(_Block("table", header=["arm", "level", "n", "mean", "95 % CI"], rows=[
-                [display_name(r["arm"]), f"{r['level']:g}", str(int(r["n"])), f"{r['mean']:.1f}",
-                 _interval(r["conf_int_low"], r["conf_int_high"], 1)] for _, r in summary.iterrows()]))
+                [display_name(r["arm"]), f"{r['level']:g}", str(int(r["n"])), fmt_num(r["mean"], decimals),
+                 _interval(r["conf_int_low"], r["conf_int_high"], decimals)] for _, r in summary.iterrows()]))
             per_arm = []
             for t, f_row, c_row in zip(trend.table.to_dict("records"), fit.table.to_dict("records"),
                                        drop.table.to_dict("records"), strict=True):

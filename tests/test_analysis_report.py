@@ -278,6 +278,27 @@ def test_sweep_report_shows_dose_response_instead_of_the_papers_tables(tmp_path)
     assert (run / "figures").is_dir() and any(p.suffix == ".png" for p in (run / "figures").iterdir())
 
 
+def test_sweep_report_shows_both_switch_proxies_and_the_acute_relapse(tmp_path):
+    """Besides efficiency, a sweep section reports the second manic-switch proxy (activation
+    magnitude, to three decimals) and the acute-relapse drop; a planted rise of the magnitude with
+    the level is found by the trend test, and a relapse drop the same at every level is said so."""
+    import warnings
+
+    df = _swept([0.8, 0.85, 0.9, 0.93, 0.95, 0.97], shift_per_unit=0.0)
+    magnitude = (df["phase"] == "acute") & (df["metric"] == "activation_magnitude")
+    df.loc[magnitude, "value"] += df.loc[magnitude, "pruning.fraction"]
+    run = write_run(tmp_path / "sweep", df)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text = write_report(run, n_resamples=99).read_text()
+    section = text.split("### Activation magnitude (mean |h|), `acute` vs `pruning.fraction`")[1].split("###")[0]
+    mean = df[magnitude & (df["arm"] == "ketamine") & (df["pruning.fraction"] == 0.8)]["value"].mean()
+    assert f"| Ketamine-like | 0.8 | 6 | {mean:.3f} |" in section
+    trend = next(line for line in section.splitlines() if line.startswith("| Ketamine-like | 1 ["))
+    assert "<0.001" in trend  # slope 1 per unit, planted exactly
+    assert "Acute-relapse drop in combined accuracy (points), `acute_relapse`: the same at every level" in text
+
+
 def test_lesion_sweep_without_treatment_reports_its_pruned_rows(tmp_path):
     """A sweep whose schedule has no treated phase (the family's pruning cliff: train, lesion, assess
     'pruned') still gets its dose-response section, at the phase that measured the outcome, with
