@@ -46,7 +46,7 @@ from analysis._data import EXTREME_SIGMA, arm_order, check_results, display_name
 from analysis._results import fmt_num, fmt_p
 from virtualpatient.errors import VirtualPatientError
 from virtualpatient.names import inside
-from virtualpatient.schema import LEVELS_FILE, tag_level
+from virtualpatient.schema import HEADLINE_PHASES, LEVELS_FILE, tag_level
 
 __all__ = ["ReportError", "RunData", "load_run", "unfinished_sweep", "write_report"]
 
@@ -712,9 +712,9 @@ def _relapse_section(df: pd.DataFrame, protocol: dict) -> list[_Block]:
 #: untreated state); a schedule that has none of them gets its outcome at every phase that measured
 #: it (e.g. a lesion sweep's ``pruned``, a family ``battery``).
 SWEEP_OUTCOMES = [
-    ("Combined-stress accuracy (%)", "accuracy", "combined", ("acute", "pruned"), 1),
-    ("Biased-noise accuracy (%)", "accuracy", "biased", ("acute", "pruned"), 1),
-    ("Activation magnitude (mean |h|)", "activation_magnitude", "", ("acute", "pruned"), 3),
+    ("Combined-stress accuracy (%)", "accuracy", "combined", HEADLINE_PHASES, 1),
+    ("Biased-noise accuracy (%)", "accuracy", "biased", HEADLINE_PHASES, 1),
+    ("Activation magnitude (mean |h|)", "activation_magnitude", "", HEADLINE_PHASES, 3),
     ("Acute-relapse drop in combined accuracy (points)", "relapse_drop", "", ("acute_relapse",), 2),
     ("Relapse probability (%) over maintenance durations", "relapse_probability", "", ("washout",), 1),
 ]

@@ -252,19 +252,22 @@ def test_levels_that_share_a_spine_train_it_once(tmp_path, monkeypatch):
 
 def test_per_arm_summary_keeps_the_levels_of_a_one_field_at_a_time_sweep():
     """mode = "each" leaves the other fields NaN in a level's rows; the summary still shows every level
-    (the field it does not set as "-"), in run order, instead of dropping rows with a NaN key."""
+    (the field it does not set as "-"), in run order, instead of dropping rows with a NaN key; each
+    arm's accuracy is its acute assessment's, not pooled with the acute-relapse one."""
     from virtualpatient.cli import per_arm_summary
 
     rows = []
     for a, b, arm, value in [(0.1, None, "ketamine", 80.0), (0.5, None, "ketamine", 90.0),
                              (None, 0.6, "neurosteroid", 70.0)]:
         for patient in (0, 1):
-            rows.append({"a": a, "b": b, "arm": arm, "patient": patient, "step": None, "maintenance_epochs": None,
-                         "metric": "accuracy", "condition": "combined", "value": value + patient})
+            for phase, shift in (("acute", 0.0), ("acute_relapse", -50.0)):  # only the acute one is shown
+                rows.append({"a": a, "b": b, "arm": arm, "patient": patient, "step": None, "maintenance_epochs": None,
+                             "phase": phase, "metric": "accuracy", "condition": "combined",
+                             "value": value + patient + shift})
     text = per_arm_summary(pd.DataFrame(rows).astype({"a": float, "b": float}), by=["a", "b"])
     lines = [line.split() for line in text.splitlines()[2:]]
-    assert lines == [["0.1", "-", "ketamine", "2", "80.5"], ["0.5", "-", "ketamine", "2", "90.5"],
-                     ["-", "0.6", "neurosteroid", "2", "70.5"]]
+    assert lines == [["0.1", "-", "ketamine", "2", "acute", "80.5"], ["0.5", "-", "ketamine", "2", "acute", "90.5"],
+                     ["-", "0.6", "neurosteroid", "2", "acute", "70.5"]]
 
 
 def test_an_unfinished_sweep_reports_its_finished_levels(swept, tmp_path, capsys):

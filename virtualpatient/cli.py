@@ -229,16 +229,24 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def per_arm_summary(results, by: list[str] | tuple[str, ...] = ()) -> str:
-    """A short text table: per arm (and swept level), patients, mean accuracy per test condition at the
-    arm's assessments (wash-out steps and maintenance durations left out), and the share relapsed."""
+    """A short text table: per arm (and swept level), patients, the mean accuracy per test condition
+    at the arm's headline assessment (``schema.HEADLINE_PHASES``: acute for a treated arm, pruned for
+    the untreated; else the arm's first assessment, named in the ``phase`` column), and the share
+    relapsed."""
     import pandas as pd
+
+    from virtualpatient.schema import HEADLINE_PHASES
 
     keys = [*by, "arm"]
     if by:  # a field a level leaves at the study's value (mode "each") is NaN there; show "-", keep the row
         results = results.assign(**{c: results[c].astype(object).where(results[c].notna(), "-") for c in by})
     plain = results[results["step"].isna() & results["maintenance_epochs"].isna() & (results["metric"] == "accuracy")]
+    headline = {arm: next((p for p in HEADLINE_PHASES if p in set(phases)), phases[0])
+                for arm, phases in plain.groupby("arm", sort=False)["phase"].unique().items()}
+    plain = plain[plain["phase"] == plain["arm"].map(headline)]
     table = plain.pivot_table(index=keys, columns="condition", values="value", aggfunc="mean", sort=False)
     table.insert(0, "patients", results.groupby(keys, sort=False)["patient"].nunique())
+    table.insert(1, "phase", [headline[arm] for arm in table.index.get_level_values("arm")])
     relapsed = results[results["metric"] == "relapsed"]
     if "label" in relapsed and relapsed["label"].nunique() > 1:  # several wash-outs: one column each
         for label, rows in relapsed.groupby("label", sort=False):
@@ -246,7 +254,7 @@ def per_arm_summary(results, by: list[str] | tuple[str, ...] = ()) -> str:
                 rows.groupby(keys, sort=False)["value"].mean() * 100
     elif not relapsed.empty:
         table["relapsed %"] = relapsed.groupby(keys, sort=False)["value"].mean() * 100
-    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.max_rows", 60):
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_rows", 1000):
         return table.round(1).to_string()
 
 

@@ -14,8 +14,8 @@ True
 
 from __future__ import annotations
 
-__all__ = ["COLUMNS", "LEVELS_FILE", "PAPER_PHASES", "PUBLISHED_SHEETS", "SCHEDULE_COLUMNS", "UNTREATED",
-           "tag_level"]
+__all__ = ["COLUMNS", "HEADLINE_PHASES", "LEVELS_FILE", "PAPER_PHASES", "PUBLISHED_SHEETS", "SCHEDULE_COLUMNS",
+           "UNTREATED", "tag_level"]
 
 #: The columns of every results table, in order (covariate and sweep columns follow them).
 COLUMNS = ["patient", "arm", "phase", "metric", "condition", "noise_sigma", "maintenance_epochs", "step", "value"]
@@ -30,6 +30,10 @@ UNTREATED = "untreated"
 
 #: The phases the paper's schedule tags its rows with.
 PAPER_PHASES = ("baseline", "pruned", "acute", "maintenance", "washout", "off_medication", "acute_relapse")
+
+#: Where an arm's effect is read when one assessment must stand for it (a run's per-arm summary, a
+#: sweep's outcomes): the treated state after the acute course, else the untreated, pruned state.
+HEADLINE_PHASES = ("acute", "pruned")
 
 #: The family sheets (``../shared/family``) whose published numbers ``analysis.family`` carries, the
 #: values of a study's ``compare_with``.
