@@ -1094,9 +1094,11 @@ def plot_dose_response(
         label = a
         ax.errorbar(g["level"], g["mean"], yerr=np.nan_to_num(yerr), fmt=markers[k % len(markers)], color=color,
                     capsize=3, linestyle="none", label=None)
+        fitted = False
         if isinstance(fit, LogisticFit) and a in set(fit.table["arm"]):
             row = fit.table.set_index("arm").loc[a]
-            if row["fitted"]:
+            fitted = bool(row["fitted"])
+            if fitted:
                 xs = np.linspace(g["level"].min(), g["level"].max(), 200)
                 ax.plot(xs, fit.predict(xs, a), color=color, linewidth=1.5)
                 ax.axvline(row["midpoint"], color=color, linestyle="--", linewidth=1)
@@ -1105,6 +1107,8 @@ def plot_dose_response(
                 label = f"{a} (midpoint {fmt_num(row['midpoint'], 3)})"
             else:
                 label = f"{a} (no fit)"
+        if not fitted:  # its means joined, so an arm hidden under another's markers still shows
+            ax.plot(g["level"], g["mean"], color=color, linewidth=0.8, linestyle=":")
         ax.plot([], [], marker=markers[k % len(markers)], color=color, label=label)
     pct = f"{100 * confidence:g}%"
     ax.set_xlabel(level)

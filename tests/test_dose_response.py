@@ -254,6 +254,24 @@ def test_figure_returns_figure_with_curve():
     assert labels and "midpoint" in labels[0]
 
 
+def test_figure_joins_the_means_of_an_arm_without_a_curve():
+    """An arm with no fitted logistic (here a flat one) has its means joined by a line through every
+    level, so it stays visible where another arm's markers cover its points; a fitted arm has its
+    curve instead."""
+    levels = tuple(np.linspace(0, 1, 7))
+    rng = np.random.default_rng(10)
+    df = pd.concat([
+        sweep(rng, lambda x: dr.logistic4(x, **PLANTED), levels=levels, arm="ssri"),
+        sweep(rng, lambda x: 0.0 * x + 90.0, levels=levels, arm="ketamine"),
+    ])
+    fig = dr.plot_dose_response(df, "pruning.fraction", "accuracy", n_resamples=20)
+    means = df[df["arm"] == "ketamine"].groupby("pruning.fraction")["value"].mean()
+    joined = [ln for ln in fig.axes[0].get_lines() if ln.get_linestyle() == ":"]
+    assert len(joined) == 1  # the flat arm's, not the fitted one's
+    np.testing.assert_allclose(joined[0].get_xdata(), means.index.to_numpy())
+    np.testing.assert_allclose(joined[0].get_ydata(), means.to_numpy())
+
+
 @pytest.mark.parametrize(
     ("mutate", "kwargs", "exc", "match"),
     [
