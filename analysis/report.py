@@ -35,7 +35,7 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -816,10 +816,25 @@ def _sweep_section(df: pd.DataFrame, out_dir: Path, n_resamples: int, seed: int)
     return blocks
 
 
-def _replication_section(df: pd.DataFrame, protocol: dict) -> list[_Block]:
-    """For the paper's study in several cohorts: each claim's share of cohorts with a Wilson CI."""
+#: Share of drawn cohorts a claim must reach for its "smallest cohort size" (issue: 80 % of cohorts).
+COHORT_TARGET = 0.8
+
+
+def cohort_sizes(pool: int) -> list[int]:
+    """Cohort sizes the report draws from a pool of ``pool`` patients: multiples of 5 up to half the
+    pool (drawn without replacement, a larger cohort would mostly repeat the same patients; see
+    :func:`analysis.replication.smallest_cohort`), or half the pool when that is below 5."""
+    half = pool // 2
+    return list(range(5, half + 1, 5)) if half >= 5 else [max(half, 1)]
+
+
+def _replication_section(df: pd.DataFrame, protocol: dict, out_dir: Path, cohort_draws: int, seed: int,
+                         progress=None) -> list[_Block]:
+    """For the paper's study in several cohorts: each claim's share of cohorts with a Wilson CI and,
+    with ``cohort_draws``, the smallest cohort size at which it holds in 80 % of drawn cohorts."""
     from analysis.claims import evaluate_claims
-    from analysis.replication import replication_table
+    from analysis.figures import save_figure
+    from analysis.replication import plot_cohort_size, replication_table, smallest_cohort
 
     if "cohort" not in df or df["cohort"].nunique() < 2 or sweep_columns(df):
         return []
@@ -832,13 +847,47 @@ def _replication_section(df: pd.DataFrame, protocol: dict) -> list[_Block]:
                 for _, r in verdicts.iterrows()}
 
     rep = replication_table(df, decide)
+    n_cohorts = df["cohort"].nunique()
+    pool = int(df[["cohort", "patient"]].drop_duplicates().shape[0])
+    header = ["claim", "cohorts testable", "holds in", "share", "95 % CI"]
     rows = [[str(r["claim"]), str(int(r["n_testable"])), str(int(r["n_hold"])),
              f"{100 * r['share']:.0f} %" if r["n_testable"] else "-",
              _interval(100 * r["conf_int_low"], 100 * r["conf_int_high"], 0)] for _, r in rep.table.iterrows()]
-    return [_Block("h2", "Replication across cohorts"), _Block("p", (
-        f"{df['cohort'].nunique()} independent cohorts; each claim decided on each cohort as in the claims "
-        "table; share of the cohorts where it could be tested, with a Wilson 95 % CI.")),
-        _Block("table", header=["claim", "cohorts testable", "holds in", "share", "95 % CI"], rows=rows)]
+    blocks = [_Block("h2", "Replication across cohorts"), _Block("p", (
+        f"{n_cohorts} independent cohorts; each claim decided on each cohort as in the claims "
+        "table; share of the cohorts where it could be tested, with a Wilson 95 % CI."))]
+    sizes = cohort_sizes(pool)
+    if cohort_draws < 1:
+        blocks.append(_Block("table", header=header, rows=rows))
+        blocks.append(_Block("p", (
+            f"The smallest cohort size at which each claim holds in {COHORT_TARGET:.0%} of cohorts is not "
+            f"computed: it decides every claim on cohorts drawn from the {pool} patients, a few seconds "
+            "each. `virtualpatient report RUN --cohort-draws 20` adds it (20 draws at each of the sizes "
+            f"{', '.join(map(str, sizes))}).")))
+        return blocks
+    curve = smallest_cohort(df, decide, sizes, target=COHORT_TARGET, n_resamples=cohort_draws, seed=seed,
+                            progress=progress)
+    smallest = curve.table.set_index("claim")
+    header += [f"smallest size for {COHORT_TARGET:.0%}", "share there (95 % CI)"]
+    for row in rows:
+        c = smallest.loc[row[0]] if row[0] in smallest.index else None
+        if c is None or not np.isfinite(c["smallest_size"]):
+            best = "-" if c is None else f"{100 * c['max_share']:.0f} % at most"
+            row += [f"> {max(sizes)}", best]
+        else:
+            row += [str(int(c["smallest_size"])), f"{100 * c['share_at_smallest']:.0f} % "
+                    f"{_interval(100 * c['conf_int_low'], 100 * c['conf_int_high'], 0)}"]
+    blocks.append(_Block("table", header=header, rows=rows))
+    png, _ = save_figure(plot_cohort_size(curve), out_dir, "cohort_size")
+    blocks.append(_Block("p", (
+        f"Smallest cohort size: {cohort_draws} cohorts of each size {', '.join(map(str, sizes))} drawn "
+        f"without replacement from the {pool} patients of all cohorts (seed {seed}); the smallest size from "
+        f"which the share stays at or above {COHORT_TARGET:.0%} at every larger size drawn, with the "
+        "share's Wilson 95 % CI. Sizes stop at half the pool, so a claim that needs more shows \"> "
+        f"{max(sizes)}\".")))
+    blocks.append(_Block("figure", "Share of drawn cohorts in which each claim holds, by cohort size, with "
+                                   "Wilson 95 % bands; dashed: the 80 % target.", image=png, name="cohort_size"))
+    return blocks
 
 
 def is_paper_schedule(df: pd.DataFrame) -> bool:
@@ -1030,7 +1079,8 @@ def _figures_section(run: RunData, df: pd.DataFrame, out_dir: Path) -> list[_Blo
     return blocks
 
 
-def write_report(run_dir: str | Path, *, n_resamples: int = 2000, seed: int = 0) -> Path:
+def write_report(run_dir: str | Path, *, n_resamples: int = 2000, seed: int = 0, cohort_draws: int = 0,
+                 progress: Callable[[int], None] | None = None) -> Path:
     """Write ``report.md`` and ``report.html`` (and ``figures/``) into a run folder.
 
     Parameters
@@ -1042,6 +1092,13 @@ def write_report(run_dir: str | Path, *, n_resamples: int = 2000, seed: int = 0)
         Bootstrap resamples for the confidence intervals.
     seed : int
         Seed of every bootstrap (the report is reproducible byte for byte).
+    cohort_draws : int
+        For a replication (several cohorts of the paper's study): cohorts drawn at each size to find
+        the smallest cohort size at which each claim holds in 80 % of them
+        (:func:`analysis.replication.smallest_cohort`); 0 (default) leaves it out, since each draw
+        decides every claim (seconds each).
+    progress : callable, optional
+        Called with 1 after each drawn cohort, e.g. a progress bar's ``update``.
 
     Returns
     -------
@@ -1067,6 +1124,8 @@ def write_report(run_dir: str | Path, *, n_resamples: int = 2000, seed: int = 0)
     """
     if not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
         raise ValueError(f"n_resamples must be a positive int, got {n_resamples!r}")
+    if isinstance(cohort_draws, bool) or not isinstance(cohort_draws, (int, np.integer)) or cohort_draws < 0:
+        raise ValueError(f"cohort_draws must be an int >= 0, got {cohort_draws!r}")
     run = load_run(run_dir)
     df = run.results
     with _report_lock(run.path):
@@ -1081,7 +1140,7 @@ def write_report(run_dir: str | Path, *, n_resamples: int = 2000, seed: int = 0)
             elif not is_paper_schedule(df):
                 blocks += _schedule_section(df, staging)
             else:
-                blocks += _replication_section(df, run.protocol)
+                blocks += _replication_section(df, run.protocol, staging, cohort_draws, seed, progress)
                 first = df[df["cohort"] == df["cohort"].min()] if "cohort" in df else df
                 blocks += _tables_section(first, run.protocol, n_resamples, seed)
                 blocks += _claims_section(first, run.protocol)

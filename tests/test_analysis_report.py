@@ -330,3 +330,31 @@ def test_replication_report_gives_each_claims_share_of_cohorts(tmp_path):
     rows = [line for line in text.splitlines() if re.match(r"\| R\d+ \| [0-2] \| [0-2] \|", line)]
     assert len(rows) >= 10
     assert all(line.split("|")[3].strip() <= line.split("|")[2].strip() for line in rows)
+
+
+def test_replication_report_finds_each_claims_smallest_cohort_size(tmp_path):
+    """With ``cohort_draws`` the replication table gains each claim's smallest cohort size for 80 % of
+    drawn cohorts: a size is given only where the share there is at least 80 %, otherwise "> largest
+    size" with a best share below 80 %; every drawn cohort is reported to ``progress``; the figure is
+    written; and the default report says how to ask for it instead."""
+    from analysis.report import cohort_sizes
+
+    frames = [make_results(n_patients=8, seed=s).assign(cohort=s) for s in (0, 1)]
+    run = write_run(tmp_path / "rep", pd.concat(frames, ignore_index=True))
+    assert "--cohort-draws" in write_report(run, n_resamples=99).read_text()
+    calls = []
+    text = write_report(run, n_resamples=99, cohort_draws=3, progress=calls.append).read_text()
+    sizes = cohort_sizes(16)
+    assert sizes == [5] and sum(calls) == 3 * len(sizes)
+    section = text.split("## Replication across cohorts")[1].split("\n## ")[0]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if re.match(r"\| R\d+ \|", line)]
+    assert len(rows) >= 10 and all(len(r) == 7 for r in rows)
+    for *_, size, share in rows:
+        best = float(re.match(r"\s*(\d+) %", share).group(1))
+        if size.strip() == "> 5":
+            assert best < 80
+        else:
+            assert int(size) in sizes and best >= 80
+    assert (run / "figures" / "cohort_size.png").is_file() and "cohort_size.png" in text
+    with pytest.raises(ValueError, match="cohort_draws"):
+        write_report(run, cohort_draws=-1)

@@ -37,6 +37,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"virtualpatient: error: {message} (see {self.prog} --help)\n")
 
 
+#: Largest --cohort-draws: 10,000 draws of the paper's claims would take about a day per size.
+MAX_COHORT_DRAWS = 10_000
+
+
 def _bounded(low: int, high: int):
     """An argparse type: an integer in ``[low, high]`` (argparse names the flag in its message)."""
 
@@ -88,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="write report.md/report.html from a run folder")
     report.add_argument("run_dir", type=Path)
+    report.add_argument("--cohort-draws", type=_bounded(0, MAX_COHORT_DRAWS), default=0, metavar="N",
+                        help="replication: draw N cohorts at each size to find the smallest cohort size at which "
+                             "each claim holds in 80%% of them (seconds per draw; default 0: not computed)")
+    report.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -305,11 +313,35 @@ def _report(args: argparse.Namespace) -> int:
     if not (args.run_dir / "results.csv").is_file() and not (args.run_dir / LEVELS_FILE).is_file():
         return _fail(f"{args.run_dir}: no results.csv (not a finished run folder)")
     progress = unfinished_sweep(args.run_dir)
-    path = write_report(args.run_dir)
+    bar = None
+    if args.cohort_draws and not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=_cohort_draw_total(args.run_dir, args.cohort_draws), unit="cohort",
+                   desc="smallest cohort size", leave=False)
+    try:
+        path = write_report(args.run_dir, cohort_draws=args.cohort_draws,
+                            progress=None if bar is None else bar.update)
+    finally:
+        if bar is not None:
+            bar.close()
     unfinished = "" if progress is None or progress[0] == progress[1] else \
         f" (an unfinished sweep: its {progress[0]} finished levels of {progress[1]})"
     print(f"report written: {path}{unfinished}")
     return 0
+
+
+def _cohort_draw_total(run_dir: Path, draws: int) -> int | None:
+    """How many cohorts ``--cohort-draws`` will decide (for the bar), or ``None`` if unknown."""
+    import pandas as pd
+
+    from analysis.report import cohort_sizes
+
+    try:
+        ids = pd.read_csv(run_dir / "results.csv", usecols=["cohort", "patient"]).drop_duplicates()
+    except (OSError, ValueError):
+        return None
+    return draws * len(cohort_sizes(len(ids)))
 
 
 class _Terminated(BaseException):
