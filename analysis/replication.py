@@ -489,12 +489,13 @@ def plot_cohort_size(result: CohortSizeCurve):
     ax = fig.add_subplot()
     markers = "osD^vP*X"
     smallest = result.smallest_size
+    band = 0.15 if result.curve["claim"].nunique() <= 8 else 0.04  # many claims: bands faint, lines readable
     for k, (claim, g) in enumerate(result.curve.groupby("claim", sort=False)):
         color = f"C{k % 10}"
         s = smallest.get(claim, math.nan)
         label = f"{claim} (n >= {fmt_num(s, 0)})" if np.isfinite(s) else f"{claim} (not reached)"
         ax.plot(g["size"], g["share"], marker=markers[k % len(markers)], color=color, label=label)
-        ax.fill_between(g["size"], g["conf_int_low"], g["conf_int_high"], color=color, alpha=0.15)
+        ax.fill_between(g["size"], g["conf_int_low"], g["conf_int_high"], color=color, alpha=band)
     ax.axhline(result.target, color="grey", linestyle="--", linewidth=1)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("cohort size (patients)")

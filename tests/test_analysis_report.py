@@ -336,12 +336,13 @@ def test_replication_report_finds_each_claims_smallest_cohort_size(tmp_path):
     """With ``cohort_draws`` the replication table gains each claim's smallest cohort size for 80 % of
     drawn cohorts: a size is given only where the share there is at least 80 %, otherwise "> largest
     size" with a best share below 80 %; every drawn cohort is reported to ``progress``; the figure is
-    written; and the default report says how to ask for it instead."""
+    written; and with ``cohort_draws=0`` the report says how to ask for it instead."""
     from analysis.report import cohort_sizes
 
     frames = [make_results(n_patients=8, seed=s).assign(cohort=s) for s in (0, 1)]
     run = write_run(tmp_path / "rep", pd.concat(frames, ignore_index=True))
-    assert "--cohort-draws" in write_report(run, n_resamples=99).read_text()
+    skipped = write_report(run, n_resamples=99, cohort_draws=0).read_text()
+    assert "--cohort-draws 20" in skipped and "smallest size for" not in skipped
     calls = []
     text = write_report(run, n_resamples=99, cohort_draws=3, progress=calls.append).read_text()
     sizes = cohort_sizes(16)
