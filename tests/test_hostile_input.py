@@ -180,7 +180,9 @@ def test_sigint_while_importing_is_one_line(study, tmp_path):
     time.sleep(1.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
+    if proc.returncode == 0 or (tmp_path / "out" / "results.csv").is_file():
+        # a fast machine runs the tiny study within 1.5 s: the signal then meets a finished run
+        # (seen on a Zen 5: the interpreter's own exit by SIGINT, status -2, after results.csv)
         pytest.skip("the run finished before the signal arrived")
     assert "Traceback" not in err, err
     assert proc.returncode == 2

@@ -313,17 +313,21 @@ def _report(args: argparse.Namespace) -> int:
     if not (args.run_dir / "results.csv").is_file() and not (args.run_dir / LEVELS_FILE).is_file():
         return _fail(f"{args.run_dir}: no results.csv (not a finished run folder)")
     progress = unfinished_sweep(args.run_dir)
-    bar = None
-    if args.cohort_draws and not args.no_progress:
-        from tqdm import tqdm
+    bars = []
 
-        bar = tqdm(total=_cohort_draw_total(args.run_dir, args.cohort_draws), unit="cohort",
-                   desc="smallest cohort size", leave=False)
+    def advance(n: int) -> None:  # the bar appears with the first drawn cohort: only a replication has any
+        if not bars:
+            from tqdm import tqdm
+
+            bars.append(tqdm(total=_cohort_draw_total(args.run_dir, args.cohort_draws), unit="cohort",
+                             desc="smallest cohort size", leave=False))
+        bars[0].update(n)
+
     try:
         path = write_report(args.run_dir, cohort_draws=args.cohort_draws,
-                            progress=None if bar is None else bar.update)
+                            progress=None if args.no_progress else advance)
     finally:
-        if bar is not None:
+        for bar in bars:
             bar.close()
     unfinished = "" if progress is None or progress[0] == progress[1] else \
         f" (an unfinished sweep: its {progress[0]} finished levels of {progress[1]})"
