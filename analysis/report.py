@@ -889,7 +889,8 @@ def _replication_section(df: pd.DataFrame, protocol: dict, out_dir: Path, cohort
         "share's Wilson 95 % CI. Sizes stop at half the pool, so a claim that needs more shows \"> "
         f"{max(sizes)}\".")))
     blocks.append(_Block("figure", "Share of drawn cohorts in which each claim holds, by cohort size, with "
-                                   "Wilson 95 % bands; dashed: the 80 % target.", image=png, name="cohort_size"))
+                                   f"Wilson 95 % bands; dashed: the {_pct(COHORT_TARGET)} target.", image=png,
+                         name="cohort_size"))
     return blocks
 
 
