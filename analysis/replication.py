@@ -489,7 +489,8 @@ def plot_cohort_size(result: CohortSizeCurve):
     ax = fig.add_subplot()
     markers = "osD^vP*X"
     smallest = result.smallest_size
-    band = 0.15 if result.curve["claim"].nunique() <= 8 else 0.04  # many claims: bands faint, lines readable
+    many = result.curve["claim"].nunique() > 8  # the paper's 24 claims: faint bands, a legend beside the axes
+    band = 0.04 if many else 0.15
     for k, (claim, g) in enumerate(result.curve.groupby("claim", sort=False)):
         color = f"C{k % 10}"
         s = smallest.get(claim, math.nan)
@@ -503,7 +504,7 @@ def plot_cohort_size(result: CohortSizeCurve):
     how = "with" if result.replace else "without"
     ax.set_title(f"Claims vs cohort size ({result.curve['n_cohorts'].iloc[0]} draws {how} replacement per size)",
                  fontsize=10)
-    if result.curve["claim"].nunique() > 8:  # the paper's 24 claims: a legend beside the axes
+    if many:
         fig.set_size_inches(9.0, 6.0)
         ax.legend(fontsize=7, frameon=False, ncol=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
     else:
