@@ -241,11 +241,15 @@ class NoiseSource:
             raise ValueError(f"noise for {shape[0]} patients requested from {len(self.generators)} generators")
         return self.fill_(torch.empty(tuple(shape), device=device), patients)
 
-    def fill_(self, out: torch.Tensor, patients: Sequence[bool] | None = None) -> torch.Tensor:
+    def fill_(self, out: torch.Tensor, patients: Sequence[bool] | None = None,
+              normal: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None) -> torch.Tensor:
         """Fill ``out`` ``[P, ...]`` in place (each ``out[i]`` must be contiguous); returns ``out``.
 
         With ``patients``, only the slots marked ``True`` are drawn; the others are zero and their
         generators are not advanced (a patient without noise draws none, as it would alone).
+        ``normal(slot, generator)`` draws a slot in place (default ``Tensor.normal_``); the engine
+        passes a faster one that draws the same numbers
+        (:func:`virtualpatient.engine.ops.normal_`).
         """
         if out.shape[0] != len(self.generators):
             raise ValueError(f"noise for {out.shape[0]} patients requested from {len(self.generators)} generators")
@@ -253,7 +257,10 @@ class NoiseSource:
             if patients is not None and not patients[i]:
                 slot.zero_()
             elif slot.device == g.device and slot.is_contiguous():
-                slot.normal_(generator=g)  # what torch.randn(shape, generator=g) does, without a copy
+                if normal is not None:
+                    normal(slot, g)
+                else:
+                    slot.normal_(generator=g)  # what torch.randn(shape, generator=g) does, without a copy
             else:
                 slot.copy_(torch.randn(tuple(slot.shape), generator=g, device=g.device))
         return out

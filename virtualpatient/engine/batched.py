@@ -261,6 +261,8 @@ class _Net:
         device = params.weights[0].device
         kind = settings.ENGINE.sparse_backend or native.backend(device)
         self.kind = kind
+        # the native kernels draw noise too (the same numbers as torch); the torch backend draws with torch
+        self._normal = ops.normal_ if kind == "native" else None
         self._saved: tuple | None = None
         self._step_layer: tuple[Modulation, StabiliserConfig, HiddenLayer] | None = None
         self.reduction = _reduction(params) if reduce else None
@@ -331,7 +333,7 @@ class _Net:
         consts = self._constants(hidden)
 
         def draw(term: NoiseTerm, shape: Sequence[int]) -> torch.Tensor:
-            return noise.fill_(_buffer("train/noise", shape, xt), term.drawn)
+            return noise.fill_(_buffer("train/noise", shape, xt), term.drawn, self._normal)
 
         for i, layer in enumerate(self.layers[:-1]):
             units = layer.bias.shape[1]
@@ -413,7 +415,7 @@ class _Net:
         n_patients, n = x.shape[0], x.shape[1]
 
         def draw(term: NoiseTerm, shape: Sequence[int]) -> torch.Tensor:
-            return noise.fill_(_buffer("eval/noise", shape, x), term.drawn)
+            return noise.fill_(_buffer("eval/noise", shape, x), term.drawn, self._normal)
 
         h = x.transpose(1, 2).contiguous()
         for i, layer in enumerate(self.layers[:-1]):

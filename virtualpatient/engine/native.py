@@ -57,8 +57,9 @@ def kernel_sources() -> dict[str, str]:
     return {path.name: path.read_text() for path in sorted(KERNELS.glob("*.c"))}
 
 #: Compiler flags (plus -march=native when the compiler takes it). -fno-trapping-math lets the
-#: relu select vectorise; it changes no value (no reassociation, no fast-math).
-_FLAGS = "-O3 -fno-trapping-math"
+#: relu select vectorise, -fno-math-errno the square root of the normal draws; neither changes a
+#: value (no reassociation, no fast-math).
+_FLAGS = "-O3 -fno-trapping-math -fno-math-errno"
 
 _lock = threading.Lock()
 _native: ctypes.CDLL | None = None
@@ -154,7 +155,7 @@ def _compile(march: str = "native") -> ctypes.CDLL | None:
             # A compiler that does not know the target builds a baseline library only for "native"
             # (the default must work anywhere); a named target it cannot build is no target at all.
             for arch in ((_arch_flags(march), []) if march == "native" else (_arch_flags(march),)):
-                cmd = [cc, *_FLAGS.split(), *arch, "-shared", "-fPIC", "-o", str(out), *files]
+                cmd = [cc, *_FLAGS.split(), *arch, "-shared", "-fPIC", "-o", str(out), *files, "-lm"]
                 if subprocess.run(cmd, capture_output=True).returncode == 0:
                     break
             else:
@@ -173,6 +174,8 @@ def _compile(march: str = "native") -> ctypes.CDLL | None:
     lib.vp_pre_grad.restype = None
     lib.vp_noise_t.argtypes = [p, p, i, i, i, f, f, f, f]
     lib.vp_noise_t.restype = None
+    lib.vp_normal.argtypes = [p, p, i, f, f]
+    lib.vp_normal.restype = None
     lib.vp_march = march
     return lib
 
@@ -342,6 +345,39 @@ def noise_t(h: torch.Tensor, draw: torch.Tensor, sigma: float, add: float, scale
     """``vp_noise_t`` on ``h`` ``[P, units, n]`` and ``draw`` ``[P, n, units]`` (both contiguous)."""
     p, units, n = h.shape
     _native_lib().vp_noise_t(_ptr(h), _ptr(draw), p, units, n, sigma, add, scale, shift)
+
+
+#: Bytes of a torch CPU generator's state (``Generator.get_state()``), the layout ``vp_normal`` reads.
+GENERATOR_STATE_BYTES = 5056
+
+
+def normal_(out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``out.normal_(generator=generator)`` through ``vp_normal``: the same numbers, and the generator
+    left in the same state (``out`` float32, contiguous, at least 16 values; check
+    :func:`normal_matches_torch` first)."""
+    state = generator.get_state()
+    _native_lib().vp_normal(_ptr(state), _ptr(out), out.numel(), 0.0, 1.0)
+    generator.set_state(state)
+    return out
+
+
+def normal_matches_torch() -> bool:
+    """Whether ``vp_normal`` draws what this torch draws (checked once per loaded library, on sizes
+    with and without a partial last block and across a regeneration of the generator's state)."""
+    lib = _native_lib()
+    if lib is None:
+        return False
+    ok = getattr(lib, "vp_normal_ok", None)
+    if ok is None:
+        ok = torch.Generator().get_state().numel() == GENERATOR_STATE_BYTES
+        mine, theirs = torch.Generator().manual_seed(20261202), torch.Generator().manual_seed(20261202)
+        for n in (16, 37, 1000, 5003) if ok else ():
+            a, b = torch.empty(n), torch.empty(n)
+            normal_(a, mine)
+            b.normal_(generator=theirs)
+            ok = ok and torch.equal(a, b) and torch.equal(mine.get_state(), theirs.get_state())
+        lib.vp_normal_ok = ok
+    return ok
 
 
 def pre_grad(g: torch.Tensor, deriv: torch.Tensor, scale: float) -> None:
