@@ -242,3 +242,29 @@ def test_unit_size_never_follows_the_core_count(study, tmp_path, monkeypatch, ca
                      "--no-progress"]) == 0
     capsys.readouterr()
     assert len(seen) == 2 and seen[0] == seen[1]
+
+
+def test_arm_units_go_out_regimen_by_regimen_as_workers_free(study, in_process):
+    """Arm units wait in the driver and go to the pool only while it has a free worker, the first
+    regimen's units before the next one's (a pool runs what it is given in order, so a long
+    regimen's last unit no longer runs alone at the end); the results equal the in-process run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    submitted, in_flight, most = [], [0], [0]
+
+    class OneWorker(ThreadPoolExecutor):
+        def submit(self, fn, *args):
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+            if fn.__name__ == "_arm_payloads":
+                submitted.append((args[1], args[2][0]["state"]["specs"][0]["index"]))
+            future = super().submit(fn, *args)
+            future.add_done_callback(lambda _: in_flight.__setitem__(0, in_flight[0] - 1))
+            return future
+
+    with OneWorker(max_workers=1) as pool:
+        frame = ClinicalTrial(load_study(study), executor=pool, patients_per_unit=1, progress=False).run()
+    arms = list(load_study(study).arms)
+    assert submitted == sorted(submitted, key=lambda unit: (arms.index(unit[0]), unit[1]))
+    assert len(submitted) == 3 * len(arms) and most[0] <= 3  # the three spine units, then one at a time
+    pd.testing.assert_frame_equal(frame, in_process[0])

@@ -181,6 +181,13 @@ def _arm_payloads(protocol_data: dict, arm: str, states: list[dict],
         return run_arm(Protocol.from_dict(protocol_data), arm, states)
 
 
+def _worker_slots(executor: Executor) -> int | float:
+    """How many units ``executor`` runs at once: a local pool's worker count, else unbounded (a
+    Dask executor schedules what it is given itself)."""
+    workers = getattr(executor, "_max_workers", None)
+    return workers if isinstance(workers, int) and workers > 0 else math.inf
+
+
 # -- the trial -------------------------------------------------------------------------------
 #: Patients trained together in one unit of work by default. A fixed number, never one derived
 #: from the machine's cores: how patients are batched changes the last bits of their numbers (a
@@ -385,17 +392,32 @@ class ClinicalTrial:
                                        *self._start(chunk), engine)
             pending[fut] = ("baseline", chunk)
 
-        def submit_arms(specs: list[PatientSpec]) -> None:
+        # Arm units wait here until a worker is free, then go out regimen by regimen (all of the
+        # first regimen's units before the second's): a pool runs what it is given in order, so
+        # given the units one spine chunk at a time it would run a long regimen's last unit at
+        # the end, alone (on 2 workers the paper's study would take about 8 % longer, by its units' times).
+        waiting: list[tuple[int, int, str, list[PatientSpec]]] = []
+        order = {arm: k for k, arm in enumerate(todo_arm)}
+        slots = _worker_slots(self.executor)
+
+        def queue_arms(specs: list[PatientSpec]) -> None:
             for arm, wanted in todo_arm.items():
                 ids = {s.index for s in wanted}
                 chunk = [s for s in specs if s.index in ids]
                 if chunk:
-                    fut = self.executor.submit(_arm_payloads, data, arm, self._pruned(store, chunk), engine)
-                    pending[fut] = (arm, chunk)
+                    waiting.append((order[arm], chunk[0].index, arm, chunk))
+            waiting.sort(key=lambda item: item[:2])
+
+        def dispatch() -> None:
+            while waiting and len(pending) < slots:
+                _, _, arm, chunk = waiting.pop(0)
+                fut = self.executor.submit(_arm_payloads, data, arm, self._pruned(store, chunk), engine)
+                pending[fut] = (arm, chunk)
 
         ready = [s for s in self.cohort if s not in todo_base]
         for chunk in self._chunks(ready):
-            submit_arms(chunk)
+            queue_arms(chunk)
+        dispatch()
         try:
             while pending:
                 fut = next(as_completed(pending))
@@ -403,11 +425,12 @@ class ClinicalTrial:
                 result = fut.result()
                 if kind == "baseline":
                     self._save_baseline(store, self._keep_trained(result))
-                    submit_arms(chunk)
+                    queue_arms(chunk)
                     bar.update(spine_epochs[id(chunk)])
                 else:
                     self._save_arm(store, kind, chunk, result)
                     bar.update(len(chunk) * epochs[kind])
+                dispatch()
         finally:
             for fut in pending:  # after a failure: drop queued units (finished ones are stored)
                 fut.cancel()
