@@ -70,6 +70,7 @@ class BatchedAdam:
         self._step_t = torch.zeros((), dtype=torch.float32, device=self.tensors[0].device)
         lrs = self.lr.tolist()
         self._groups = {v: [p for p, w in enumerate(lrs) if w == v] for v in dict.fromkeys(lrs)}
+        self._views: dict[int, tuple[list[torch.Tensor], ...]] = {}
 
     def _n_patients(self) -> int:
         for t, seg in zip(self.tensors, self.segments):
@@ -83,12 +84,40 @@ class BatchedAdam:
                 out.append(t[p] if seg is None else t[seg[p]:seg[p + 1]])
         return out
 
+    def _per_patient(self, k: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Per-patient views of tensor ``k`` and its two moments (made once)."""
+        views = self._views.get(k)
+        if views is None:
+            views = self._views[k] = tuple(list(t.unbind(0)) for t in (self.tensors[k], self.exp_avg[k],
+                                                                         self.exp_avg_sq[k]))
+        return views
+
     @torch.no_grad()
-    def step(self, grads: Sequence[torch.Tensor]) -> None:
+    def step(self, grads: Sequence[torch.Tensor | Sequence[torch.Tensor]]) -> None:
+        """One update. ``grads[k]`` matches ``tensors[k]``, or is the list of its per-patient slices'
+        gradients (a tensor with a leading patient axis only): the fused kernel then updates those
+        slices one by one, which gives the same numbers (it is elementwise) without stacking them."""
         self.step_count += 1
-        grads = [g.contiguous() for g in grads]
+        split = [k for k, g in enumerate(grads) if not isinstance(g, torch.Tensor)]
+        if any(self.segments[k] is not None for k in split):
+            raise ValueError("per-patient gradient lists are for tensors with a leading patient axis")
         if _fused_adam_works() and FUSED_ADAM is not False:
             self._step_t.fill_(self.step_count)
+            if split and len(self._groups) == 1:  # flatten: per-patient slices where the gradient is a list
+                lists: tuple[list[torch.Tensor], ...] = ([], [], [], [])
+                for k, g in enumerate(grads):
+                    if isinstance(g, torch.Tensor):
+                        parts = ([self.tensors[k]], [g.contiguous()], [self.exp_avg[k]], [self.exp_avg_sq[k]])
+                    else:
+                        t, m, v = self._per_patient(k)
+                        parts = (t, [x.contiguous() for x in g], m, v)
+                    for whole, part in zip(lists, parts):
+                        whole.extend(part)
+                torch._fused_adam_(*lists, [], [self._step_t] * len(lists[0]), lr=next(iter(self._groups)),
+                                   beta1=self.beta1, beta2=self.beta2, weight_decay=0.0, eps=self.eps,
+                                   amsgrad=False, maximize=False)
+                return
+            grads = [g.contiguous() if isinstance(g, torch.Tensor) else [x.contiguous() for x in g] for g in grads]
             for lr, patients in self._groups.items():
                 if len(self._groups) == 1:
                     lists = (self.tensors, grads, self.exp_avg, self.exp_avg_sq)
@@ -98,6 +127,7 @@ class BatchedAdam:
                 torch._fused_adam_(*lists, [], [self._step_t] * len(lists[0]), lr=lr, beta1=self.beta1,
                                    beta2=self.beta2, weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
             return
+        grads = [g.contiguous() if isinstance(g, torch.Tensor) else torch.stack(list(g)) for g in grads]
         bc1 = 1 - self.beta1 ** self.step_count
         bc2_sqrt = math.sqrt(1 - self.beta2 ** self.step_count)
         for t, g, m, v, seg in zip(self.tensors, grads, self.exp_avg, self.exp_avg_sq, self.segments):

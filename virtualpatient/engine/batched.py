@@ -219,12 +219,18 @@ class _Layer:
             return ops.sparse_forward(self.pattern, self.values, bias, h, out, self.kind)
         return ops.dense_forward(self.weight, bias, h, out, onednn=self.onednn)
 
-    def backward(self, gz: torch.Tensor, h: torch.Tensor, need_input: bool,
-                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(d leaf, d bias, d h)`` from ``gz = dL/dz`` and the layer's input ``h``."""
+    def products(self, h: torch.Tensor) -> list[torch.Tensor] | None:
+        """``W h`` per patient, without the bias, for a dense layer on oneDNN (else ``None``: use
+        :meth:`forward`); the hidden layer's first pass adds the bias as it reads them."""
+        return None if self.compressed else ops.dense_products(self.weight, h, onednn=self.onednn)
+
+    def backward(self, gz: torch.Tensor, h: torch.Tensor, need_input: bool, out: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        """``(d leaf, d bias, d h)`` from ``gz = dL/dz`` and the layer's input ``h`` (``d leaf`` of a
+        dense layer may be a list of per-patient tensors, as :class:`BatchedAdam` takes it)."""
         if self.compressed:
             return ops.sparse_backward(self.pattern, self.values, gz, h, need_input, out, self.kind)
-        return ops.dense_backward(self.weight, gz, h, need_input, out, onednn=self.onednn)
+        return ops.dense_backward(self.weight, gz, h, need_input, out, onednn=self.onednn, stacked=False)
 
 
 _workspace = threading.local()
@@ -336,10 +342,9 @@ class _Net:
             return noise.fill_(_buffer("train/noise", shape, xt), term.drawn, self._normal)
 
         for i, layer in enumerate(self.layers[:-1]):
-            units = layer.bias.shape[1]
-            z = layer.forward(h, _buffer(f"train/a{i}", (n_patients, units, n), xt), self._bias(i, consts))
-            h, d = hidden.apply_t(z, draw, self.kind, deriv=_buffer(f"train/d{i}", z.shape, z,
-                                                                    torch.bool if relu else None))
+            z = _buffer(f"train/a{i}", (n_patients, layer.bias.shape[1], n), xt)
+            h, d = _hidden(layer, h, z, hidden, draw, self.kind, self._bias(i, consts),
+                           deriv=_buffer(f"train/d{i}", z.shape, z, torch.bool if relu else None))
             derivs.append(d)
             inputs.append(h)
         self._saved = (inputs, derivs, hidden, consts)
@@ -349,7 +354,8 @@ class _Net:
     def step(self, xt: torch.Tensor, y: torch.Tensor, mod: Modulation, stab: StabiliserConfig,
              noise: NoiseSource | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Per-patient mean cross-entropy ``[P]`` of one mini-batch and the gradients of its sum with
-        respect to :meth:`leaves` (in that order)."""
+        respect to :meth:`leaves` (in that order; a dense weight's may be a list of per-patient
+        tensors, which :class:`BatchedAdam` takes as it is)."""
         logits = forward(self, xt, mod, stab, noise=noise)  # -> logits_t, via the public entry point
         inputs, derivs, hidden, consts = self._saved
         self._saved = None
@@ -419,9 +425,20 @@ class _Net:
 
         h = x.transpose(1, 2).contiguous()
         for i, layer in enumerate(self.layers[:-1]):
-            z = layer.forward(h, _buffer(f"eval/h{i % 2}", (n_patients, layer.bias.shape[1], n), x))
-            h, _ = hidden.apply_t(z, draw, self.kind, magnitudes=magnitudes)
+            z = _buffer(f"eval/h{i % 2}", (n_patients, layer.bias.shape[1], n), x)
+            h, _ = _hidden(layer, h, z, hidden, draw, self.kind, magnitudes=magnitudes)
         return self.layers[-1].forward(h).transpose(1, 2)
+
+
+def _hidden(layer: _Layer, h: torch.Tensor, z: torch.Tensor, hidden: HiddenLayer, draw, kind: str,
+            bias: torch.Tensor | None = None, **how) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``layer``'s product of ``h`` into ``z`` (``bias`` replacing its own), then ``hidden`` on it in
+    place (:meth:`HiddenLayer.apply_t`, ``how`` its options). A dense layer's per-patient products
+    go to the hidden layer's first pass as they are, which adds the bias as it reads them."""
+    parts = layer.products(h)
+    if parts is None:
+        return hidden.apply_t(layer.forward(h, z, bias), draw, kind, **how)
+    return hidden.apply_t(z, draw, kind, source=parts, bias=layer.bias if bias is None else bias, **how)
 
 
 def _reduction(params: Params) -> reduction.Reduction | None:

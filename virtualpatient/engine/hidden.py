@@ -126,19 +126,23 @@ class HiddenLayer:
         return h
 
     def apply_t(self, z: torch.Tensor, draw: Draw | None = None, kind: str = "native",
-                deriv: torch.Tensor | None | bool = False,
-                magnitudes: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                deriv: torch.Tensor | None | bool = False, magnitudes: list[torch.Tensor] | None = None,
+                source: Sequence[torch.Tensor] | None = None,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The formula in place on transposed pre-activations ``z`` ``[P, units, n]``, through the fused passes.
 
         Returns ``(h, deriv)``: ``h`` is ``z``, overwritten; ``deriv`` is what :meth:`grad_t` needs
         (``deriv`` given: filled; ``None``: allocated; ``False``: not computed, ``None`` returned).
         ``draw(term, shape)`` gives each noise term's ``N(0, 1)`` as ``[P, n, units]`` (the
         reference's layout: the same numbers); it may be overwritten. ``kind`` is the backend of
-        :mod:`~virtualpatient.engine.ops` (``"native"`` or ``"torch"``).
+        :mod:`~virtualpatient.engine.ops` (``"native"`` or ``"torch"``). With ``source`` (one
+        ``[units, n]`` product per patient) and ``bias`` ``[P, units]`` the pre-activations are
+        ``source + bias``, read by the first pass and written to ``z``
+        (:func:`~virtualpatient.engine.ops.post_activation`).
         """
         fused = not self.noise and magnitudes is None
         h, deriv = ops.post_activation(z, self.activation, self.scale if fused else 1.0,
-                                       self.shift if fused else 0.0, deriv=deriv, kind=kind)
+                                       self.shift if fused else 0.0, bias, deriv=deriv, kind=kind, source=source)
         if magnitudes is not None:
             magnitudes.append(_times(h, self.nominal).abs().mean(dim=(1, 2)))
             if not self.noise:

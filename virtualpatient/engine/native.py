@@ -168,7 +168,7 @@ def _compile(march: str = "native") -> ctypes.CDLL | None:
     lib.vp_sddmm.argtypes = [p, p, p, p, p, p, i, i, i, i, i]
     lib.vp_sddmm.restype = None
     f, c = ctypes.c_float, ctypes.c_int
-    lib.vp_post.argtypes = [p, p, p, i, i, i, c, f, f]
+    lib.vp_post.argtypes = [p, p, p, p, i, i, i, c, f, f]
     lib.vp_post.restype = None
     lib.vp_pre_grad.argtypes = [p, p, i, c, f]
     lib.vp_pre_grad.restype = None
@@ -336,9 +336,10 @@ def sddmm(ptr, idx, g, x, out, gsum, block_rows: int, n_blocks: int) -> None:
 
 
 def post(h: torch.Tensor, bias: torch.Tensor | None, deriv: torch.Tensor | None, rows: int, n: int, act: int,
-         scale: float, shift: float) -> None:
-    """``vp_post`` on ``rows`` contiguous rows of ``n`` (``act`` 0: relu, 1: tanh)."""
-    _native_lib().vp_post(_ptr(h), _ptr(bias), _ptr(deriv), rows, n, n, act, scale, shift)
+         scale: float, shift: float, source: torch.Tensor | None = None) -> None:
+    """``vp_post`` on ``rows`` contiguous rows of ``n`` (``act`` 0: relu, 1: tanh), reading from
+    ``source`` (contiguous, the same shape) when given."""
+    _native_lib().vp_post(_ptr(h), _ptr(source), _ptr(bias), _ptr(deriv), rows, n, n, act, scale, shift)
 
 
 def noise_t(h: torch.Tensor, draw: torch.Tensor, sigma: float, add: float, scale: float, shift: float) -> None:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Sequence
 
 import torch
 
@@ -55,6 +56,7 @@ __all__ = [
     "dense_backward",
     "dense_forward",
     "dense_linear_t",
+    "dense_products",
     "normal_",
     "onednn_available",
     "post_activation",
@@ -238,18 +240,32 @@ def dense_forward(weight: torch.Tensor, bias: torch.Tensor, xt: torch.Tensor,
     oneDNN's AVX-512 code was 2.2x faster per product here, docs/performance.md), else ``baddbmm``.
     """
     weight, bias = weight.detach(), bias.detach()
-    if not (onednn and _use_onednn(weight, xt)):
+    parts = dense_products(weight, xt, onednn)
+    if parts is None:
         return torch.baddbmm(bias.unsqueeze(2), weight, xt, out=out) if out is not None else \
             torch.baddbmm(bias.unsqueeze(2), weight, xt)
-    parts = [_mm(w, x.t()) for w, x in zip(weight, xt)]  # [out, in] @ [in, n]
     z = torch.stack(parts, out=out) if out is not None else torch.stack(parts)
     return z.add_(bias.unsqueeze(2))
 
 
+def dense_products(weight: torch.Tensor, xt: torch.Tensor, onednn: bool = True) -> list[torch.Tensor] | None:
+    """``W xt`` per patient as oneDNN computes it for :func:`dense_forward` (a list of ``[out, n]``),
+    or ``None`` where it would not use oneDNN. The fused hidden-layer pass reads these products
+    directly (:func:`post_activation`'s ``source``), adding the bias as :func:`dense_forward` does."""
+    weight = weight.detach()
+    if not (onednn and _use_onednn(weight, xt)):
+        return None
+    return [_mm(w, x.t()) for w, x in zip(weight, xt)]  # [out, in] @ [in, n]
+
+
 def dense_backward(weight: torch.Tensor, gz: torch.Tensor, xt: torch.Tensor, need_input: bool = True,
-                   out: torch.Tensor | None = None,
-                   onednn: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Gradients of ``z = W xt + b``: ``(d W = gz xt^T, d b, d xt = W^T gz or None)``."""
+                   out: torch.Tensor | None = None, onednn: bool = True,
+                   stacked: bool = True) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """Gradients of ``z = W xt + b``: ``(d W = gz xt^T, d b, d xt = W^T gz or None)``.
+
+    With ``stacked=False`` the oneDNN path gives ``d W`` as the list of per-patient products it
+    computes (what :class:`~virtualpatient.engine.adam.BatchedAdam` takes as it is), saving a
+    copy of every weight gradient per step; the values are the same."""
     weight = weight.detach()
     gz, xt = gz.contiguous(), xt.contiguous()
     gbias = gz.sum(2)
@@ -260,7 +276,9 @@ def dense_backward(weight: torch.Tensor, gz: torch.Tensor, xt: torch.Tensor, nee
             gx = torch.bmm(weight.transpose(1, 2), gz, out=out) if out is not None else \
                 torch.bmm(weight.transpose(1, 2), gz)
         return gw, gbias, gx
-    gw = torch.stack([_mm(g, x) for g, x in zip(gz, xt)])  # [out, n] @ [n, in]
+    gw = [_mm(g, x) for g, x in zip(gz, xt)]  # [out, n] @ [n, in]
+    if stacked:
+        gw = torch.stack(gw)
     gx = None
     if need_input:  # W^T gz as (gz^T W)^T: oneDNN reads both operands where they lie, as it does in
         # the forward; given W^T as a strided view it copies it first (2x slower on 512 x 512, on
@@ -338,8 +356,8 @@ def _at(value: float | tuple[float, ...], i: int) -> float:
 
 def post_activation(z: torch.Tensor, activation: str, scale: float | tuple[float, ...],
                     shift: float | tuple[float, ...], bias: torch.Tensor | None = None,
-                    deriv: torch.Tensor | None | bool = None,
-                    kind: str = "native") -> tuple[torch.Tensor, torch.Tensor | None]:
+                    deriv: torch.Tensor | None | bool = None, kind: str = "native",
+                    source: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """In place on ``z`` ``[P, units, n]``: ``h = act(z [+ bias]) * scale - shift`` (each step only when it
     changes something), returning ``(h, deriv)`` where ``deriv`` is ``not h <= 0`` (bool, relu) or
     ``1 - tanh^2`` (float) for the backward pass (``deriv=False``: not wanted). One pass with the
@@ -347,7 +365,11 @@ def post_activation(z: torch.Tensor, activation: str, scale: float | tuple[float
     tanh is a rational approximation within 3e-7 of the exact one, 7x faster than ``torch.tanh``).
 
     ``scale`` and ``shift`` are floats, or tuples of one float per patient: then each patient's
-    slice is computed by the same call with its own floats (what it computes alone)."""
+    slice is computed by the same call with its own floats (what it computes alone).
+
+    ``source``, when given, holds the pre-activations as one ``[units, n]`` tensor per patient (a
+    dense layer's products, :func:`dense_products`): they are read from there and ``z`` is only
+    written, which saves copying them into ``z`` first (the same numbers)."""
     relu = activation == "relu"
     shape = z.shape
     if deriv is None:
@@ -357,13 +379,21 @@ def post_activation(z: torch.Tensor, activation: str, scale: float | tuple[float
     if _varies(scale, shift):
         for i in range(shape[0]):
             post_activation(z[i:i + 1], activation, _at(scale, i), _at(shift, i),
-                            None if bias is None else bias[i:i + 1], False if deriv is None else deriv[i:i + 1], kind)
+                            None if bias is None else bias[i:i + 1], False if deriv is None else deriv[i:i + 1], kind,
+                            None if source is None else source[i:i + 1])
         return z, deriv
     if kind == "native" and native.usable(z) and z.is_contiguous() and (deriv is None or deriv.is_contiguous()):
-        rows = shape[0] * shape[1]
         b = None if bias is None else bias.detach().contiguous()
-        native.post(z, b, deriv, rows, shape[2], 0 if relu else 1, scale, shift)
-        return z, deriv
+        if source is None:
+            native.post(z, b, deriv, shape[0] * shape[1], shape[2], 0 if relu else 1, scale, shift)
+            return z, deriv
+        if native.usable(*source):
+            for i, part in enumerate(source):
+                native.post(z[i], None if b is None else b[i], None if deriv is None else deriv[i], shape[1],
+                            shape[2], 0 if relu else 1, scale, shift, source=part.contiguous())
+            return z, deriv
+    if source is not None:
+        torch.stack(list(source), out=z)
     if bias is not None:
         z.add_(bias.detach().unsqueeze(2))
     if relu:

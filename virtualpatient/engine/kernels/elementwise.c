@@ -37,38 +37,41 @@ static inline float vp_tanhf(float v) {
 /* After a layer's product z [rows, n] (row stride ld): relu in place with mask[i] = !(h <= 0) (relu's
    backward passes the gradient unless h <= 0), then h = h * scale - shift as two roundings (scale 1
    and shift 0 change nothing). For tanh (act = 1) h = vp_tanhf(z) and deriv[i] = 1 - h*h is stored
-   as float. bias (per row, may be NULL) is added first. */
-VP_NOCONTRACT void vp_post(float *h, const float *bias, void *deriv, int64_t rows, int64_t n, int64_t ld,
-                           int act, float scale, float shift) {
+   as float. bias (per row, may be NULL) is added first. z is read from src when given (same layout
+   as h: a dense layer's product for one patient, so no copy of it into h comes first), else from h. */
+VP_NOCONTRACT void vp_post(float *h, const float *src, const float *bias, void *deriv, int64_t rows, int64_t n,
+                           int64_t ld, int act, float scale, float shift) {
     for (int64_t r = 0; r < rows; ++r) {
         float *x = h + r * ld;
+        const float *in = src ? src + r * ld : x;
         if (bias) {
             const float b = bias[r];
-            for (int64_t j = 0; j < n; ++j) x[j] = x[j] + b;
+            for (int64_t j = 0; j < n; ++j) x[j] = in[j] + b;
+            in = x;
         }
         if (act == 0 && !deriv) {
             for (int64_t j = 0; j < n; ++j) {
-                const float v = x[j] < 0.0f ? 0.0f : x[j];
+                const float v = in[j] < 0.0f ? 0.0f : in[j];
                 const float t = v * scale;
                 x[j] = t - shift;
             }
         } else if (act == 0) {
             unsigned char *m = (unsigned char *)deriv + r * n;
             for (int64_t j = 0; j < n; ++j) {
-                const float v = x[j] < 0.0f ? 0.0f : x[j];   /* keeps NaN, as torch.relu does */
+                const float v = in[j] < 0.0f ? 0.0f : in[j];   /* keeps NaN, as torch.relu does */
                 m[j] = !(v <= 0.0f);
                 const float t = v * scale;
                 x[j] = t - shift;
             }
         } else if (!deriv) {
             for (int64_t j = 0; j < n; ++j) {
-                const float t = vp_tanhf(x[j]) * scale;
+                const float t = vp_tanhf(in[j]) * scale;
                 x[j] = t - shift;
             }
         } else {
             float *d = (float *)deriv + r * n;
             for (int64_t j = 0; j < n; ++j) {
-                const float v = vp_tanhf(x[j]);
+                const float v = vp_tanhf(in[j]);
                 const float sq = v * v;
                 d[j] = 1.0f - sq;
                 const float t = v * scale;
