@@ -276,9 +276,12 @@ def dense_backward(weight: torch.Tensor, gz: torch.Tensor, xt: torch.Tensor, nee
             gx = torch.bmm(weight.transpose(1, 2), gz, out=out) if out is not None else \
                 torch.bmm(weight.transpose(1, 2), gz)
         return gw, gbias, gx
-    gw = [_mm(g, x) for g, x in zip(gz, xt)]  # [out, n] @ [n, in]
-    if stacked:
-        gw = torch.stack(gw)
+    if gz.shape[2] == 1:  # an outer product (the constant units' share, one sample): one rounding
+        gw = torch.mul(gz, xt.transpose(1, 2))  # per entry whoever computes it, and one call, not P
+    else:
+        gw = [_mm(g, x) for g, x in zip(gz, xt)]  # [out, n] @ [n, in]
+        if stacked:
+            gw = torch.stack(gw)
     gx = None
     if need_input:  # W^T gz as (gz^T W)^T: oneDNN reads both operands where they lie, as it does in
         # the forward; given W^T as a strided view it copies it first (2x slower on 512 x 512, on
