@@ -82,6 +82,22 @@ def test_fused_elementwise_steps_equal_torch(target):
                                atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["native", "torch"])
+def test_dense_products_read_in_place_give_the_same_bits(target, kind):
+    """A dense layer's per-patient products read where they lie, plus the bias, through
+    post_activation(source=...) equal the stacked path (products stacked, bias added, then the
+    pass) bit for bit: relu, tanh and a per-patient scale, shapes off the vector width."""
+    gen = torch.Generator().manual_seed(12)
+    for act, scale in (("relu", 1.25), ("tanh", 0.8), ("relu", (1.25, 0.5, 2.0))):
+        z = torch.randn(3, 21, 37, generator=gen)
+        bias = torch.randn(3, 21, generator=gen)
+        parts = [t.clone() for t in z]
+        want, dwant = ops.post_activation(z.clone().add_(bias.unsqueeze(2)), act, scale, 0.25, kind=kind)
+        got, dgot = ops.post_activation(torch.full_like(z, float("nan")), act, scale, 0.25, bias, kind=kind,
+                                        source=parts)
+        assert torch.equal(got, want) and torch.equal(dgot, dwant)
+
+
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 def test_hidden_layer_equals_the_definition(target, activation):
     """The fused hidden layer (forward, magnitudes, derivative, gradient) of this build equals

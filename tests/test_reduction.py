@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from virtualpatient.engine import batched, native, reduction
+from virtualpatient.engine import batched, native, ops, reduction
 from virtualpatient.engine.settings import engine_options
 from virtualpatient.network import Modulation, NoiseSource, Params
 from virtualpatient.protocol import StabiliserConfig
@@ -81,18 +81,22 @@ def test_the_test_networks_are_reduced():
     assert net.reduction is not None and net.reduction.work_fraction() < 0.8
 
 
-@pytest.mark.parametrize("kind", KINDS + ["off"])
+@pytest.mark.parametrize("kind", KINDS + ["off", "onednn"])
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 def test_reduced_training_equals_full_training(kind, activation):
-    """Three noise-free epochs on the live units (dense blocks with ``kind="off"``, compressed ones
-    otherwise) end at the weights and biases of the full network trained by the same engine;
-    masked weights stay exactly 0; dead units' weights and biases are returned exactly unchanged;
-    snapshots agree."""
+    """Three noise-free epochs on the live units (dense blocks with ``kind="off"``, through oneDNN
+    with ``"onednn"``, as the ketamine-like arm's large layers run; compressed ones otherwise) end at
+    the weights and biases of the full network trained by the same engine; masked weights stay
+    exactly 0; dead units' weights and biases are returned exactly unchanged; snapshots agree."""
     def schedule(epoch):
         return Modulation(gain=1.0 + 0.2 * epoch, protection=0.5, activation=activation, damping=0.9)
 
     start = _params(2)
     options = {"sparse_backend": kind, "sparse_max_density": 0.6, "sparse_min_weights": 0}
+    if kind == "onednn":
+        if not ops.onednn_available():
+            pytest.skip("this torch has no oneDNN")
+        options = {"sparse_backend": "off", "onednn_min_weights": 0}
     full, full_snaps = _train(start.clone(), {**options, "reduce_units": False}, schedule, snapshots=(1, 3))
     red, red_snaps = _train(start.clone(), {**options, "reduce_units": True}, schedule, snapshots=(1, 3))
     for a, b in zip(red.weights + red.biases, full.weights + full.biases):
