@@ -292,8 +292,24 @@ def flops(p: int = 10, n: int = 128) -> None:
           + "  ".join(cells))
 
 
+def noise(n: int = 4000 * 512) -> None:
+    """Nanoseconds per N(0, 1) draw from a patient's generator: torch's ``normal_`` against the
+    engine's native replica (the same numbers, checked here too), for one biased-test layer's draw
+    (4,000 samples x 512 units) and one training batch's (128 x 512)."""
+    cells = []
+    for size in (n, 128 * 512):
+        out = torch.empty(size)
+        gen = torch.Generator().manual_seed(0)
+        t_torch = _cpu(lambda out=out, gen=gen: out.normal_(generator=gen)) * 1e9 / size
+        t_native = _cpu(lambda out=out, gen=gen: ops.normal_(out, gen)) * 1e9 / size
+        a, b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        same = torch.equal(torch.empty(size).normal_(generator=a), ops.normal_(torch.empty(size), b))
+        cells.append(f"{size} draws: torch {t_torch:.2f}  native {t_native:.2f}  same {same}")
+    print(f"noise         ns per draw, kernels {native.kernel_target()}:  " + "  ".join(cells))
+
+
 LEVERS = {"flops": flops, "crossover": crossover, "step": step, "live_units": live_units, "adam": adam,
-          "scaling": scaling, "evaluation": evaluation, "threads": threads, "compile": compiled}
+          "scaling": scaling, "evaluation": evaluation, "threads": threads, "compile": compiled, "noise": noise}
 
 
 def main(argv: list[str] | None = None) -> int:
