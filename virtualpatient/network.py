@@ -312,7 +312,7 @@ class Params:
     def select(self, index: Sequence[int]) -> Params:
         """The sub-batch of the given patient positions (a copy)."""
         idx = torch.as_tensor(list(index), dtype=torch.long, device=self.weights[0].device)
-        return Params(*([t.index_select(0, idx).clone() for t in group] for group in
+        return Params(*([t.index_select(0, idx) for t in group] for group in  # index_select copies
                         (self.weights, self.biases, self.masks)))
 
     @staticmethod
