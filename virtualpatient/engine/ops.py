@@ -283,10 +283,10 @@ def dense_backward(weight: torch.Tensor, gz: torch.Tensor, xt: torch.Tensor, nee
         if stacked:
             gw = torch.stack(gw)
     gx = None
-    if need_input:  # W^T gz as (gz^T W)^T: oneDNN reads both operands where they lie, as it does in
-        # the forward; given W^T as a strided view it copies it first (2x slower on 512 x 512, on
-        # AVX-512 and AVX2 alike: bench_levers --only flops). The same sums in the same order: the
-        # same bits (checked on AVX-512 and AVX2, square and odd live-block shapes).
+    if need_input:  # W^T gz as (gz^T W)^T: oneDNN reads W where it lies; given W^T as a strided view
+        # it copies it first (2x slower on 512 x 512, on AVX-512 and AVX2 alike: bench_levers --only
+        # flops). It copies gz^T instead (the smaller operand: [n, out]). The same sums in the same
+        # order: the same bits (checked on AVX-512 and AVX2, square and odd live-block shapes).
         parts = [_mm(g.t(), w.t()).t() for g, w in zip(gz, weight)]
         gx = torch.stack(parts, out=out) if out is not None else torch.stack(parts)
     return gw, gbias, gx
