@@ -447,7 +447,7 @@ def add_noise_t(h: torch.Tensor, draw: torch.Tensor, sigma: float | tuple[float,
 
 def normal_(out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """``out.normal_(generator=generator)``: the same numbers, and the generator left in the same
-    state, about 3x faster where the native kernel applies (``kernels/normal.c``: float32,
+    state, 2.5-5x faster (docs/performance.md) where the native kernel applies (``kernels/normal.c``: float32,
     contiguous, at least 16 values, a CPU generator, and a kernel library that reproduces this
     torch's draws, :func:`~virtualpatient.engine.native.normal_matches_torch`); elsewhere torch draws.
 

@@ -1,4 +1,4 @@
-/* Standard-normal draws from a torch CPU generator, the same numbers torch draws, about 5x faster.
+/* Standard-normal draws from a torch CPU generator: the same numbers torch draws, 2.5-5x faster.
 
    Every internal-noise term and every biased test draws N(0, 1) per unit and sample from the
    patient's own torch.Generator (virtualpatient/network.py, NoiseSource). torch draws a float32
