@@ -214,6 +214,31 @@ def test_batched_adam_equals_torch_adam_with_per_patient_rates_and_segments(fuse
         torch.testing.assert_close(t2[seg[p]:seg[p + 1]], b.detach(), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eight-passes"])
+@pytest.mark.parametrize("rates", ["one", "per-patient"])
+def test_batched_adam_takes_per_patient_gradient_lists(fused, rates, monkeypatch):
+    """A dense weight's gradient given as its per-patient slices (what the engine's dense layers hand
+    over, unstacked) moves the weights exactly as the stacked gradient does, bit for bit, beside a
+    stacked gradient and a segmented tensor; a list for a segmented tensor is refused."""
+    monkeypatch.setattr(adam, "FUSED_ADAM", None if fused else False)
+    gen = torch.Generator().manual_seed(9)
+    start = [torch.randn(3, 37, 11, generator=gen), torch.randn(3, 5, generator=gen), torch.randn(9, generator=gen)]
+    seg = [0, 2, 2, 9]
+    lr = 1e-2 if rates == "one" else torch.tensor([1e-2, 3e-3, 1e-2])
+    grads = [[torch.randn(t.shape, generator=gen) for t in start]
+             for _ in range(3)]
+    stacked = [t.clone() for t in start]
+    listed = [t.clone() for t in start]
+    a = adam.BatchedAdam(stacked, lr, segments=[None, None, seg])
+    b = adam.BatchedAdam(listed, lr, segments=[None, None, seg])
+    for g in grads:
+        a.step(g)
+        b.step([list(g[0].unbind(0)), g[1], g[2]])
+    assert all(torch.equal(x, y) for x, y in zip(stacked, listed))
+    with pytest.raises(ValueError, match="leading patient axis"):
+        b.step([g[0], g[1], list(g[2].split([2, 0, 7]))])
+
+
 def test_noise_fill_equals_randn_per_patient():
     """NoiseSource.fill_ writes exactly torch.randn(shape, generator=g_i) into slice i."""
     out = NoiseSource([torch.Generator().manual_seed(s) for s in (1, 2)]).fill_(torch.empty(2, 7, 5))

@@ -92,38 +92,34 @@ class BatchedAdam:
                                                                          self.exp_avg_sq[k]))
         return views
 
+    def _whole(self, grads) -> tuple[list[torch.Tensor], ...]:
+        """The four lists for one fused call over all patients: each tensor whole, or its per-patient
+        slices where its gradient is a list of them."""
+        lists: tuple[list[torch.Tensor], ...] = ([], [], [], [])
+        for k, g in enumerate(grads):
+            if isinstance(g, torch.Tensor):
+                parts = ([self.tensors[k]], [g], [self.exp_avg[k]], [self.exp_avg_sq[k]])
+            else:
+                t, m, v = self._per_patient(k)
+                parts = (t, list(g), m, v)
+            for whole, part in zip(lists, parts):
+                whole.extend(part)
+        return lists
+
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor | Sequence[torch.Tensor]]) -> None:
         """One update. ``grads[k]`` matches ``tensors[k]``, or is the list of its per-patient slices'
         gradients (a tensor with a leading patient axis only): the fused kernel then updates those
         slices one by one, which gives the same numbers (it is elementwise) without stacking them."""
         self.step_count += 1
-        split = [k for k, g in enumerate(grads) if not isinstance(g, torch.Tensor)]
-        if any(self.segments[k] is not None for k in split):
+        if any(seg is not None and not isinstance(g, torch.Tensor) for g, seg in zip(grads, self.segments)):
             raise ValueError("per-patient gradient lists are for tensors with a leading patient axis")
         if _fused_adam_works() and FUSED_ADAM is not False:
             self._step_t.fill_(self.step_count)
-            if split and len(self._groups) == 1:  # flatten: per-patient slices where the gradient is a list
-                lists: tuple[list[torch.Tensor], ...] = ([], [], [], [])
-                for k, g in enumerate(grads):
-                    if isinstance(g, torch.Tensor):
-                        parts = ([self.tensors[k]], [g.contiguous()], [self.exp_avg[k]], [self.exp_avg_sq[k]])
-                    else:
-                        t, m, v = self._per_patient(k)
-                        parts = (t, [x.contiguous() for x in g], m, v)
-                    for whole, part in zip(lists, parts):
-                        whole.extend(part)
-                torch._fused_adam_(*lists, [], [self._step_t] * len(lists[0]), lr=next(iter(self._groups)),
-                                   beta1=self.beta1, beta2=self.beta2, weight_decay=0.0, eps=self.eps,
-                                   amsgrad=False, maximize=False)
-                return
-            grads = [g.contiguous() if isinstance(g, torch.Tensor) else [x.contiguous() for x in g] for g in grads]
             for lr, patients in self._groups.items():
-                if len(self._groups) == 1:
-                    lists = (self.tensors, grads, self.exp_avg, self.exp_avg_sq)
-                else:
-                    lists = tuple(self._split(ts, patients) for ts in (self.tensors, grads, self.exp_avg,
-                                                                         self.exp_avg_sq))
+                lists = self._whole(grads) if len(self._groups) == 1 else \
+                    tuple(self._split(ts, patients) for ts in (self.tensors, grads, self.exp_avg, self.exp_avg_sq))
+                lists[1][:] = [g.contiguous() for g in lists[1]]
                 torch._fused_adam_(*lists, [], [self._step_t] * len(lists[0]), lr=lr, beta1=self.beta1,
                                    beta2=self.beta2, weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
             return
