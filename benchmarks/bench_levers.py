@@ -308,7 +308,51 @@ def noise(n: int = 4000 * 512) -> None:
     print(f"noise         ns per draw, kernels {native.kernel_target()}:  " + "  ".join(cells))
 
 
-LEVERS = {"flops": flops, "crossover": crossover, "step": step, "live_units": live_units, "adam": adam,
+def _fma_chain(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """``a @ b_t.T`` in float32 as one fused multiply-add chain per output, ``k = 0, 1, ..., K - 1``
+    from 0. Emulated in float64: each product of two floats is exact there, and each sum is rounded
+    to float32 at once (checked against C's ``fmaf`` on the shapes below)."""
+    a, b_t = a.double(), b_t.double()
+    acc = torch.zeros(a.shape[0], b_t.shape[0], dtype=torch.float64)
+    for k in range(a.shape[1]):
+        acc = torch.addr(acc, a[:, k], b_t[:, k]).float().double()
+    return acc.float()
+
+
+def order(n: int = 128) -> None:
+    """Whether oneDNN's products, as the dense step calls them (forward ``W h``, weight gradient
+    ``gz h^T``, input gradient ``(gz^T W)^T``), equal one float32 FMA chain per output in ascending
+    ``k``: if they do, a native kernel that keeps that order gives the engine's numbers bit for bit.
+    Shapes: the full layers and live blocks of the paper's ketamine-like networks, at a training
+    batch (128), its last batch (96) and a 4,000-point test; then the limits found (K above 1,024,
+    a single row)."""
+    gen = torch.Generator().manual_seed(0)
+    layers = ((512, 512), (256, 512), (512, 2), (4, 256), (458, 276), (167, 458), (276, 2), (4, 167))
+    equal, total, differ = 0, 0, []
+    for n_out, n_in in layers:
+        for batch in (n, 96, 4000):
+            w = torch.randn(n_out, n_in, generator=gen)
+            h = torch.randn(n_in, batch, generator=gen)
+            g = torch.randn(n_out, batch, generator=gen)
+            cases = {"fwd": (ops._mm(w, h.t()), w, h.t())}
+            if batch <= 1024:  # training batches only: the weight gradient sums over the batch
+                cases["dW"] = (ops._mm(g, h), g, h)
+                cases["dx"] = (ops._mm(g.t(), w.t()), g.t(), w.t())
+            for kind, (got, a, b_t) in cases.items():
+                total += 1
+                if torch.equal(got, _fma_chain(a, b_t)):
+                    equal += 1
+                else:
+                    differ.append(f"{kind} {n_out}x{n_in} n={batch}")
+    limits = []
+    for rows, k in ((128, 1024), (128, 1025), (2, 458), (1, 458)):
+        a, b_t = torch.randn(rows, k, generator=gen), torch.randn(64, k, generator=gen)
+        limits.append(f"M={rows},K={k} {torch.equal(ops._mm(a, b_t), _fma_chain(a, b_t))}")
+    print(f"order         oneDNN products equal to one FMA chain per output: {equal}/{total}"
+          + (f" (differ: {', '.join(differ)})" if differ else "") + "  limits: " + "  ".join(limits))
+
+
+LEVERS = {"flops": flops, "order": order, "crossover": crossover, "step": step, "live_units": live_units, "adam": adam,
           "scaling": scaling, "evaluation": evaluation, "threads": threads, "compile": compiled, "noise": noise}
 
 
