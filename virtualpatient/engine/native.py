@@ -176,6 +176,10 @@ def _compile(march: str = "native") -> ctypes.CDLL | None:
     lib.vp_noise_t.restype = None
     lib.vp_normal.argtypes = [p, p, i, f, f]
     lib.vp_normal.restype = None
+    lib.vp_dense.argtypes = [p, i, i, i, p, i, i, p, i, i, p, i, i, i, i]
+    lib.vp_dense.restype = None
+    lib.vp_dense_fast.argtypes = []
+    lib.vp_dense_fast.restype = ctypes.c_int
     lib.vp_march = march
     return lib
 
@@ -384,3 +388,23 @@ def normal_matches_torch() -> bool:
 def pre_grad(g: torch.Tensor, deriv: torch.Tensor, scale: float) -> None:
     """``vp_pre_grad`` on contiguous ``g`` and ``deriv`` (bool: relu's mask; float: tanh's derivative)."""
     _native_lib().vp_pre_grad(_ptr(g), _ptr(deriv), g.numel(), 0 if deriv.dtype == torch.bool else 1, scale)
+
+
+def dense(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[p] = a[p] @ b[p] (+ bias[p, :, None])`` through ``vp_dense``: one fused multiply-add chain
+    per output in ascending ``k``. ``a`` ``[P, M, K]`` in any layout, ``b`` ``[P, K, N]`` and ``out``
+    ``[P, M, N]`` with contiguous rows, ``bias`` ``[P, M]`` contiguous; all float32 on the CPU."""
+    n_patients, m, k = a.shape
+    n = b.shape[2]
+    if b.stride(2) != 1 or out.stride(2) != 1 or (bias is not None and not bias.is_contiguous()):
+        raise ValueError("vp_dense needs rows of b and out, and the bias, contiguous")
+    _native_lib().vp_dense(_ptr(a), a.stride(0), a.stride(1), a.stride(2), _ptr(b), b.stride(0), b.stride(1),
+                           _ptr(out), out.stride(0), out.stride(1), _ptr(bias), n_patients, m, n, k)
+    return out
+
+
+def dense_vector_width() -> int:
+    """Floats per vector of ``vp_dense``'s fast path in the loaded library (0: no fast path, only
+    the scalar loop, as on targets without AVX2 and FMA)."""
+    lib = _native_lib()
+    return 0 if lib is None else int(lib.vp_dense_fast())

@@ -48,7 +48,7 @@ from collections.abc import Sequence
 
 import torch
 
-from virtualpatient.engine import native
+from virtualpatient.engine import native, settings
 
 __all__ = [
     "Pattern",
@@ -232,6 +232,52 @@ def _use_onednn(*tensors: torch.Tensor) -> bool:
     return onednn_available() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
+#: Longest sum for which oneDNN's products were found to be one FMA chain per output (longer ones
+#: it splits), and the fewest rows or columns (a single one goes through another oneDNN kernel).
+_CHAIN_MAX_K, _CHAIN_MIN_N = 1024, 2
+
+
+def dense_matches_onednn() -> bool:
+    """Whether ``vp_dense`` computes the dense layers' three products (``W h``, ``gz h^T`` and
+    ``W^T gz`` as :func:`dense_backward` forms it) with this oneDNN's numbers, bit for bit.
+
+    Checked once per loaded library, on shapes with vector tails for 8- and 16-float vectors and
+    sums of 2 to 1,024 terms, against the calls the engine makes otherwise. ``False`` (oneDNN stays)
+    on a target without the kernel's fast path or a oneDNN that sums in another order."""
+    lib = native._native_lib()
+    if lib is None or not onednn_available():
+        return False
+    ok = getattr(lib, "vp_dense_ok", None)
+    if ok is None:
+        ok = native.dense_vector_width() > 0
+        gen = torch.Generator().manual_seed(20261202)
+        for n_out, n_in, n in ((37, 45, 96), (64, 2, 128), (45, 37, 2), (13, 1024, 19), (8, 300, 1024)) if ok else ():
+            w = torch.randn(1, n_out, n_in, generator=gen)
+            b = torch.randn(1, n_out, generator=gen)
+            x = torch.randn(1, n_in, n, generator=gen)
+            g = torch.randn(1, n_out, n, generator=gen)
+            z = _mm(w[0], x[0].t()) + b[0].unsqueeze(1)
+            gw = _mm(g[0], x[0])
+            gx = _mm(g[0].t(), w[0].t()).t()
+            mine = (native.dense(w, x, torch.empty(1, n_out, n), b)[0],
+                    native.dense(g, x.transpose(1, 2).contiguous(), torch.empty(1, n_out, n_in))[0],
+                    native.dense(w.transpose(1, 2), g, torch.empty(1, n_in, n))[0])
+            ok = ok and all(torch.equal(a, c) for a, c in zip(mine, (z, gw, gx)))
+        lib.vp_dense_ok = ok
+    return ok
+
+
+def _native_dense(weight: torch.Tensor, xt: torch.Tensor, *grads: torch.Tensor) -> bool:
+    """Whether the products of a dense layer ``weight`` ``[P, out, in]`` with ``xt`` ``[P, in, n]``
+    (and, given ``grads``, its backward products) go through ``vp_dense`` (see
+    :attr:`~virtualpatient.engine.settings.EngineConfig.native_dense`): where each of their sums
+    (over ``in``; backward also over ``out`` and ``n``) is one chain in oneDNN."""
+    n_out, n_in, n = *weight.shape[1:], xt.shape[2]
+    longest = max(n_in, n_out, n) if grads else n_in
+    return (settings.ENGINE.native_dense and min(n_out, n_in, n) >= _CHAIN_MIN_N and longest <= _CHAIN_MAX_K
+            and _use_onednn(weight, xt, *grads) and native.usable(weight, xt, *grads) and dense_matches_onednn())
+
+
 def dense_forward(weight: torch.Tensor, bias: torch.Tensor, xt: torch.Tensor,
                   out: torch.Tensor | None = None, onednn: bool = True) -> torch.Tensor:
     """``W xt + b`` for ``xt`` ``[P, in, n]`` -> ``[P, out, n]`` (no autograd).
@@ -240,6 +286,10 @@ def dense_forward(weight: torch.Tensor, bias: torch.Tensor, xt: torch.Tensor,
     oneDNN's AVX-512 code was 2.2x faster per product here, docs/performance.md), else ``baddbmm``.
     """
     weight, bias = weight.detach(), bias.detach()
+    if onednn and _native_dense(weight, xt):
+        if out is None:
+            out = torch.empty(weight.shape[0], weight.shape[1], xt.shape[2], dtype=xt.dtype, device=xt.device)
+        return native.dense(weight, xt.contiguous(), out, bias.contiguous())
     parts = dense_products(weight, xt, onednn)
     if parts is None:
         return torch.baddbmm(bias.unsqueeze(2), weight, xt, out=out) if out is not None else \
@@ -253,8 +303,8 @@ def dense_products(weight: torch.Tensor, xt: torch.Tensor, onednn: bool = True) 
     or ``None`` where it would not use oneDNN. The fused hidden-layer pass reads these products
     directly (:func:`post_activation`'s ``source``), adding the bias as :func:`dense_forward` does."""
     weight = weight.detach()
-    if not (onednn and _use_onednn(weight, xt)):
-        return None
+    if not (onednn and _use_onednn(weight, xt)) or _native_dense(weight, xt):
+        return None  # the native products write into the layer's buffer, bias added: dense_forward
     return [_mm(w, x.t()) for w, x in zip(weight, xt)]  # [out, in] @ [in, n]
 
 
@@ -276,7 +326,17 @@ def dense_backward(weight: torch.Tensor, gz: torch.Tensor, xt: torch.Tensor, nee
             gx = torch.bmm(weight.transpose(1, 2), gz, out=out) if out is not None else \
                 torch.bmm(weight.transpose(1, 2), gz)
         return gw, gbias, gx
-    if gz.shape[2] == 1:  # an outer product (the constant units' share, one sample): one rounding
+    n = gz.shape[2]
+    if onednn and _native_dense(weight, xt, gz):  # the same sums as oneDNN's below
+        gw = native.dense(gz, xt.transpose(1, 2).contiguous(),  # [out, n] @ [n, in]
+                          torch.empty_like(weight))
+        if not stacked:  # per patient, as below: Adam's scalar tail then falls where it did
+            gw = list(gw.unbind(0))
+        gx = None
+        if need_input:  # W^T gz: the weight read in place through its transpose's strides
+            gx = native.dense(weight.transpose(1, 2), gz, out if out is not None else torch.empty_like(xt))
+        return gw, gbias, gx
+    if n == 1:  # an outer product (the constant units' share, one sample): one rounding
         gw = torch.mul(gz, xt.transpose(1, 2))  # per entry whoever computes it, and one call, not P
     else:
         gw = [_mm(g, x) for g, x in zip(gz, xt)]  # [out, n] @ [n, in]

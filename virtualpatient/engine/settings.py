@@ -33,6 +33,14 @@ class EngineConfig:
         Dense layers with at least this many weights per patient use per-patient oneDNN matmuls;
         smaller ones (the 2 -> 512 and 256 -> 4 layers) one batched ``baddbmm``, whose per-call
         cost is lower.
+    native_dense
+        Compute those oneDNN products with the native kernel ``vp_dense`` instead (one call per
+        layer for all patients, written where the step needs them) wherever it gives oneDNN's
+        numbers bit for bit: it keeps oneDNN's order of sums, which
+        :func:`~virtualpatient.engine.ops.dense_matches_onednn` checks on first use. Off by
+        default: on a 2-core AVX2 EPYC (Zen 3) a ketamine-like training step took the same time
+        either way, and it is not yet measured with AVX-512 (docs/performance.md, "Owning the
+        dense products").
     sparse_backend
         ``None`` (default: :func:`virtualpatient.engine.native.backend`), ``"native"``, ``"torch"`` or ``"off"``.
     reduce_units
@@ -52,6 +60,7 @@ class EngineConfig:
     sparse_max_density: float = 0.25
     sparse_min_weights: int = 0
     onednn_min_weights: int = 16_384
+    native_dense: bool = False
     sparse_backend: str | None = None
     reduce_units: bool = True
     reduce_max_work: float = 0.9

@@ -1,0 +1,110 @@
+"""The native dense products (``kernels/dense.c``) are oneDNN's products, bit for bit, where enabled.
+
+oneDNN's matmul computes each output of the engine's dense products as one fused multiply-add
+chain over ``k = 0, 1, ..., K - 1`` (for sums of at most 1,024 terms and more than one row or
+column; ``benchmarks/bench_levers.py --only order``). ``vp_dense`` keeps that order, so the
+ketamine-like arm's training may run on it without moving a number; the engine uses it only when
+``EngineConfig.native_dense`` is on and the first-use check :func:`ops.dense_matches_onednn`
+passes. Tests compare with oneDNN itself (exact equality), on shapes with vector tails for 8- and
+16-float vectors, and train a reduced network both ways.
+"""
+
+from __future__ import annotations
+
+import pytest
+import test_isa_kernels as isa
+import test_reduction as red
+import torch
+
+from virtualpatient.engine import native, ops
+from virtualpatient.engine.settings import engine_options
+
+pytestmark = pytest.mark.skipif(not (native.kernels_available() and ops.onednn_available()),
+                                reason="needs the native kernels and oneDNN")
+
+libraries = isa.libraries
+target = isa.target
+
+#: (out, in, n): the paper's live blocks, odd sizes for every vector tail, the longest chain allowed.
+SHAPES = [(458, 276, 128), (167, 458, 96), (37, 45, 19), (5, 3, 2), (64, 1024, 33), (9, 17, 1024)]
+
+
+def _needs_chain_order():
+    if not ops.dense_matches_onednn():
+        pytest.skip("this oneDNN does not sum as one chain per output (or no fast kernel): oneDNN stays")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_three_products_equal_onednn(shape):
+    """Forward with bias, weight gradient and input gradient: equal to the oneDNN calls they replace."""
+    _needs_chain_order()
+    n_out, n_in, n = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    w, b = torch.randn(2, n_out, n_in, generator=gen), torch.randn(2, n_out, generator=gen)
+    x, g = torch.randn(2, n_in, n, generator=gen), torch.randn(2, n_out, n, generator=gen)
+    z = native.dense(w, x, torch.empty(2, n_out, n), b)
+    gw = native.dense(g, x.transpose(1, 2).contiguous(), torch.empty(2, n_out, n_in))
+    gx = native.dense(w.transpose(1, 2), g, torch.empty(2, n_in, n))
+    for p in range(2):
+        assert torch.equal(z[p], ops._mm(w[p], x[p].t()) + b[p].unsqueeze(1))
+        assert torch.equal(gw[p], ops._mm(g[p], x[p]))
+        assert torch.equal(gx[p], ops._mm(g[p].t(), w[p].t()).t())
+
+
+def test_dense_layer_calls_take_it_only_when_enabled(monkeypatch):
+    """``dense_forward``/``dense_backward`` give the same bits with the option on and off, and the
+    option really routes them (``vp_dense`` is called only when on, never for a single sample)."""
+    _needs_chain_order()
+    calls = []
+    real = native.dense
+    monkeypatch.setattr(native, "dense", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(3)
+    w, b = torch.randn(3, 40, 30, generator=gen), torch.randn(3, 40, generator=gen)
+    x, g = torch.randn(3, 30, 50, generator=gen), torch.randn(3, 40, 50, generator=gen)
+    results = {}
+    for on in (False, True):
+        with engine_options(native_dense=on):
+            fwd = ops.dense_forward(w, b, x)
+            gw, gb, gx = ops.dense_backward(w, g, x)
+            ops.dense_backward(w, g[:, :, :1], x[:, :, :1])  # one sample: oneDNN's other kernel
+        results[on] = (fwd, gw, gb, gx)
+        assert len(calls) == (3 if on else 0)
+    for a, c in zip(results[False], results[True]):
+        assert torch.equal(a, c)
+
+
+def test_reduced_training_is_bit_identical():
+    """Three epochs of the reduced network through oneDNN's products, then through ``vp_dense``:
+    the same weights and biases, bit for bit (the step's other passes are shared)."""
+    _needs_chain_order()
+    options = {"sparse_backend": "off", "onednn_min_weights": 0}
+    start = red._params(4)
+    base, _ = red._train(start.clone(), {**options, "native_dense": False})
+    mine, _ = red._train(start.clone(), {**options, "native_dense": True})
+    for a, c in zip(base.weights + base.biases, mine.weights + mine.biases):
+        assert torch.equal(a, c)
+
+
+def test_without_fast_path_onednn_stays(monkeypatch):
+    """A build without the vector kernel (no AVX2 and FMA) fails the first-use check."""
+    lib = native._native_lib()
+    monkeypatch.delattr(lib, "vp_dense_ok", raising=False)
+    monkeypatch.setattr(native, "dense_vector_width", lambda: 0)
+    assert not ops.dense_matches_onednn()
+    with engine_options(native_dense=True):
+        assert not ops._native_dense(torch.zeros(1, 8, 8), torch.zeros(1, 8, 8))
+    monkeypatch.delattr(lib, "vp_dense_ok")
+
+
+def test_rejects_strided_rows():
+    """``native.dense`` refuses operands whose rows are not contiguous rather than read past them."""
+    with pytest.raises(ValueError, match="contiguous"):
+        native.dense(torch.zeros(1, 4, 4), torch.zeros(1, 8, 4)[:, ::2].transpose(1, 2), torch.zeros(1, 4, 4))
+
+
+def test_each_instruction_set_build_equals_onednn(target):
+    """Each build (AVX-512, AVX2 + FMA, native) passes the first-use check on its own library."""
+    lib = native._native_lib()
+    if hasattr(lib, "vp_dense_ok"):
+        delattr(lib, "vp_dense_ok")
+    assert ops.dense_matches_onednn()
