@@ -39,8 +39,8 @@ class EngineConfig:
         numbers bit for bit: it keeps oneDNN's order of sums, which
         :func:`~virtualpatient.engine.ops.dense_matches_onednn` checks on first use. Off by
         default: on a 2-core AVX2 EPYC (Zen 3) a ketamine-like training step took the same time
-        either way, and it is not yet measured with AVX-512 (docs/performance.md, "Owning the
-        dense products").
+        either way, and it is not yet measured with AVX-512 (docs/performance.md, "On a real AVX2
+        machine").
     sparse_backend
         ``None`` (default: :func:`virtualpatient.engine.native.backend`), ``"native"``, ``"torch"`` or ``"off"``.
     reduce_units
