@@ -40,7 +40,8 @@ class EngineConfig:
         :func:`~virtualpatient.engine.ops.dense_matches_onednn` checks on first use. Off by
         default: on a 2-core AVX2 EPYC (Zen 3) a ketamine-like training step took the same time
         either way, and it is not yet measured with AVX-512 (docs/performance.md, "On a real AVX2
-        machine").
+        machine"). It runs on one thread: an in-process run with several torch threads loses
+        oneDNN's (the quick study with 2: 32 s instead of 25 s, the same results).
     sparse_backend
         ``None`` (default: :func:`virtualpatient.engine.native.backend`), ``"native"``, ``"torch"`` or ``"off"``.
     reduce_units
