@@ -300,8 +300,9 @@ def dense_forward(weight: torch.Tensor, bias: torch.Tensor, xt: torch.Tensor,
 
 def dense_products(weight: torch.Tensor, xt: torch.Tensor, onednn: bool = True) -> list[torch.Tensor] | None:
     """``W xt`` per patient as oneDNN computes it for :func:`dense_forward` (a list of ``[out, n]``),
-    or ``None`` where it would not use oneDNN. The fused hidden-layer pass reads these products
-    directly (:func:`post_activation`'s ``source``), adding the bias as :func:`dense_forward` does."""
+    or ``None`` where it would not use oneDNN or uses ``vp_dense`` instead. The fused hidden-layer
+    pass reads these products directly (:func:`post_activation`'s ``source``), adding the bias as
+    :func:`dense_forward` does."""
     weight = weight.detach()
     if not (onednn and _use_onednn(weight, xt)) or _native_dense(weight, xt):
         return None  # the native products write into the layer's buffer, bias added: dense_forward

@@ -5,7 +5,8 @@
 
    Written with explicit FMA intrinsics: GCC's tuning for AMD cores splits long chains of a * b + c
    into a multiply and an add (a second rounding). Without AVX2 and FMA there is no fast path, and
-   vp_dense_fast() says so (the scalar loop below is for tails only). */
+   vp_dense_fast() says so (the scalar loop below only keeps such builds correct; vector tails
+   are masked). */
 #include <stdint.h>
 
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
