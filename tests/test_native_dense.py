@@ -43,8 +43,9 @@ def test_three_products_equal_onednn(shape):
     w, b = torch.randn(2, n_out, n_in, generator=gen), torch.randn(2, n_out, generator=gen)
     x, g = torch.randn(2, n_in, n, generator=gen), torch.randn(2, n_out, n, generator=gen)
     z = native.dense(w, x, torch.empty(2, n_out, n), b)
-    gw = native.dense(g, x.transpose(1, 2).contiguous(), torch.empty(2, n_out, n_in))
+    gw = native.dense(g, x.transpose(1, 2), torch.empty(2, n_out, n_in))  # x^T packed a panel at a time
     gx = native.dense(w.transpose(1, 2), g, torch.empty(2, n_in, n))
+    assert torch.equal(gw, native.dense(g, x.transpose(1, 2).contiguous(), torch.empty(2, n_out, n_in)))
     for p in range(2):
         assert torch.equal(z[p], ops._mm(w[p], x[p].t()) + b[p].unsqueeze(1))
         assert torch.equal(gw[p], ops._mm(g[p], x[p]))
@@ -95,9 +96,32 @@ def test_without_fast_path_onednn_stays(monkeypatch):
 
 
 def test_rejects_strided_rows():
-    """``native.dense`` refuses operands whose rows are not contiguous rather than read past them."""
+    """``native.dense`` refuses operands contiguous along neither axis rather than read past them."""
     with pytest.raises(ValueError, match="contiguous"):
-        native.dense(torch.zeros(1, 4, 4), torch.zeros(1, 8, 4)[:, ::2].transpose(1, 2), torch.zeros(1, 4, 4))
+        native.dense(torch.zeros(1, 4, 4), torch.zeros(1, 8, 8)[:, ::2, ::2], torch.zeros(1, 4, 4))
+    with pytest.raises(ValueError, match="contiguous"):
+        native.dense(torch.zeros(1, 4, 4), torch.zeros(1, 4, 4), torch.zeros(1, 4, 8)[:, :, ::2])
+
+
+def test_patients_split_over_threads_give_the_same_products():
+    """With two torch threads the patients of one call are split over a thread pool (each part
+    with its own packing panel): the same bits as one thread computing them all."""
+    _needs_chain_order()
+    gen = torch.Generator().manual_seed(11)
+    a, y = torch.randn(6, 130, 300, generator=gen), torch.randn(6, 140, 300, generator=gen)
+    b = y.transpose(1, 2)  # [6, 300, 140], packed a panel at a time
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.dense(a, b, torch.empty(6, 130, 140))
+        torch.set_num_threads(2)
+        parts = native._split_blocks(6, 6 * 130 * 140 * 300)
+        two = native.dense(a, b, torch.empty(6, 130, 140))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(parts) == 2
+    assert torch.equal(one, two)
+    assert torch.equal(one, native.dense(a, b.contiguous(), torch.empty(6, 130, 140)))
 
 
 def test_each_instruction_set_build_equals_onednn(target):

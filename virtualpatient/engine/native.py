@@ -176,7 +176,7 @@ def _compile(march: str = "native") -> ctypes.CDLL | None:
     lib.vp_noise_t.restype = None
     lib.vp_normal.argtypes = [p, p, i, f, f]
     lib.vp_normal.restype = None
-    lib.vp_dense.argtypes = [p, i, i, i, p, i, i, p, i, i, p, i, i, i, i]
+    lib.vp_dense.argtypes = [p, i, i, i, p, i, i, i, p, p, i, i, p, i, i, i, i, i]
     lib.vp_dense.restype = None
     lib.vp_dense_fast.argtypes = []
     lib.vp_dense_fast.restype = ctypes.c_int
@@ -392,14 +392,25 @@ def pre_grad(g: torch.Tensor, deriv: torch.Tensor, scale: float) -> None:
 
 def dense(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``out[p] = a[p] @ b[p] (+ bias[p, :, None])`` through ``vp_dense``: one fused multiply-add chain
-    per output in ascending ``k``. ``a`` ``[P, M, K]`` in any layout, ``b`` ``[P, K, N]`` and ``out``
-    ``[P, M, N]`` with contiguous rows, ``bias`` ``[P, M]`` contiguous; all float32 on the CPU."""
+    per output in ascending ``k``. ``a`` ``[P, M, K]`` in any layout; ``b`` ``[P, K, N]`` with
+    contiguous rows, or the transpose of a tensor with contiguous rows (packed a panel at a time,
+    no copy of the whole); ``out`` ``[P, M, N]`` with contiguous rows, ``bias`` ``[P, M]``
+    contiguous; all float32 on the CPU. Patients are split over torch's threads when the work is
+    worth it, as :func:`spmm`."""
     n_patients, m, k = a.shape
     n = b.shape[2]
-    if b.stride(2) != 1 or out.stride(2) != 1 or (bias is not None and not bias.is_contiguous()):
-        raise ValueError("vp_dense needs rows of b and out, and the bias, contiguous")
-    _native_lib().vp_dense(_ptr(a), a.stride(0), a.stride(1), a.stride(2), _ptr(b), b.stride(0), b.stride(1),
-                           _ptr(out), out.stride(0), out.stride(1), _ptr(bias), n_patients, m, n, k)
+    transposed = b.stride(2) != 1 and b.stride(1) == 1
+    if (b.stride(2) != 1 and not transposed) or out.stride(2) != 1 or (bias is not None and not bias.is_contiguous()):
+        raise ValueError("vp_dense needs rows of b (or of its transpose) and of out, and the bias, contiguous")
+    lib = _native_lib()
+    ldb = b.stride(2) if transposed else b.stride(1)
+
+    def run(p0: int, p1: int) -> None:
+        panel = torch.empty(32 * k) if transposed else None
+        lib.vp_dense(_ptr(a), a.stride(0), a.stride(1), a.stride(2), _ptr(b), b.stride(0), ldb, int(transposed),
+                     _ptr(panel), _ptr(out), out.stride(0), out.stride(1), _ptr(bias), p0, p1, m, n, k)
+
+    _run_parts(_split_blocks(n_patients, n_patients * m * n * k), run)
     return out
 
 

@@ -260,7 +260,7 @@ def dense_matches_onednn() -> bool:
             gw = _mm(g[0], x[0])
             gx = _mm(g[0].t(), w[0].t()).t()
             mine = (native.dense(w, x, torch.empty(1, n_out, n), b)[0],
-                    native.dense(g, x.transpose(1, 2).contiguous(), torch.empty(1, n_out, n_in))[0],
+                    native.dense(g, x.transpose(1, 2), torch.empty(1, n_out, n_in))[0],
                     native.dense(w.transpose(1, 2), g, torch.empty(1, n_in, n))[0])
             ok = ok and all(torch.equal(a, c) for a, c in zip(mine, (z, gw, gx)))
         lib.vp_dense_ok = ok
@@ -272,9 +272,14 @@ def _native_dense(weight: torch.Tensor, xt: torch.Tensor, *grads: torch.Tensor) 
     (and, given ``grads``, its backward products) go through ``vp_dense`` (see
     :attr:`~virtualpatient.engine.settings.EngineConfig.native_dense`): where each of their sums
     (over ``in``; backward also over ``out`` and ``n``) is one chain in oneDNN."""
+    wanted = settings.ENGINE.native_dense
+    if wanted is None:  # measured faster with 8-float vectors only (docs/performance.md)
+        wanted = native.kernels_available() and native.dense_vector_width() == 8
+    if not wanted:
+        return False
     n_out, n_in, n = *weight.shape[1:], xt.shape[2]
     longest = max(n_in, n_out, n) if grads else n_in
-    return (settings.ENGINE.native_dense and min(n_out, n_in, n) >= _CHAIN_MIN_N and longest <= _CHAIN_MAX_K
+    return (min(n_out, n_in, n) >= _CHAIN_MIN_N and longest <= _CHAIN_MAX_K
             and _use_onednn(weight, xt, *grads) and native.usable(weight, xt, *grads) and dense_matches_onednn())
 
 
@@ -329,8 +334,7 @@ def dense_backward(weight: torch.Tensor, gz: torch.Tensor, xt: torch.Tensor, nee
         return gw, gbias, gx
     n = gz.shape[2]
     if onednn and _native_dense(weight, xt, gz):  # the same sums as oneDNN's below
-        gw = native.dense(gz, xt.transpose(1, 2).contiguous(),  # [out, n] @ [n, in]
-                          torch.empty_like(weight))
+        gw = native.dense(gz, xt.transpose(1, 2), torch.empty_like(weight))  # [out, n] @ [n, in], packed
         if not stacked:  # per patient, as below: Adam's scalar tail then falls where it did
             gw = list(gw.unbind(0))
         gx = None

@@ -35,13 +35,15 @@ class EngineConfig:
         cost is lower.
     native_dense
         Compute those oneDNN products with the native kernel ``vp_dense`` instead (one call per
-        layer for all patients, written where the step needs them) wherever it gives oneDNN's
-        numbers bit for bit: it keeps oneDNN's order of sums, which
-        :func:`~virtualpatient.engine.ops.dense_matches_onednn` checks on first use. Off by
-        default: on a 2-core AVX2 EPYC (Zen 3) a ketamine-like training step took the same time
-        either way, and it is not yet measured with AVX-512 (docs/performance.md, "On a real AVX2
-        machine"). It runs on one thread: an in-process run with several torch threads loses
-        oneDNN's (the quick study with 2: 32 s instead of 25 s, the same results).
+        layer for all patients, written where the step needs them, the weight gradient's
+        transposed input packed a panel at a time) wherever it gives oneDNN's numbers bit for
+        bit: it keeps oneDNN's order of sums, which
+        :func:`~virtualpatient.engine.ops.dense_matches_onednn` checks on first use. ``None``
+        (default): on where the kernels were built for 8-float vectors (AVX2 + FMA), where it was
+        measured faster: on a 2-core AVX2 EPYC (Zen 3) the ketamine-like maintenance step took
+        14.2-14.6 ms instead of 15.7-16.2 (p10 of five alternated runs, the same weights bit for
+        bit). Off with AVX-512 kernels until it is measured there (docs/performance.md). Patients
+        are split over torch's threads, as the compressed kernels do.
     sparse_backend
         ``None`` (default: :func:`virtualpatient.engine.native.backend`), ``"native"``, ``"torch"`` or ``"off"``.
     reduce_units
@@ -61,7 +63,7 @@ class EngineConfig:
     sparse_max_density: float = 0.25
     sparse_min_weights: int = 0
     onednn_min_weights: int = 16_384
-    native_dense: bool = False
+    native_dense: bool | None = None
     sparse_backend: str | None = None
     reduce_units: bool = True
     reduce_max_work: float = 0.9

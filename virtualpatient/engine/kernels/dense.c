@@ -77,50 +77,73 @@ DENSE_TILES(1, 1)
 
 /* Columns j0.. of every row: rows six at a time, the rest in tiles of 3, 2 and 1 (one row alone
    does 2 FMAs per 2 loads). */
-#define DENSE_ROWS(NV, MASKED, mask)                                                                 \
+#define DENSE_ROWS(NV, MASKED, mask, Bj, lb)                                                         \
     do {                                                                                             \
         int64_t m = 0;                                                                               \
         for (; m + 6 <= M; m += 6)                                                                   \
-            dense_tile_6_##NV##_##MASKED(A + m * sam, sam, sak, B + j, ldb, C + m * ldc + j, ldc,     \
+            dense_tile_6_##NV##_##MASKED(A + m * sam, sam, sak, Bj, lb, C + m * ldc + j, ldc,     \
                                          bias ? bias + m : 0, K, mask);                              \
         if (m + 3 <= M) {                                                                            \
-            dense_tile_3_##NV##_##MASKED(A + m * sam, sam, sak, B + j, ldb, C + m * ldc + j, ldc,     \
+            dense_tile_3_##NV##_##MASKED(A + m * sam, sam, sak, Bj, lb, C + m * ldc + j, ldc,     \
                                          bias ? bias + m : 0, K, mask);                              \
             m += 3;                                                                                  \
         }                                                                                            \
         if (m + 2 <= M) {                                                                            \
-            dense_tile_2_##NV##_##MASKED(A + m * sam, sam, sak, B + j, ldb, C + m * ldc + j, ldc,     \
+            dense_tile_2_##NV##_##MASKED(A + m * sam, sam, sak, Bj, lb, C + m * ldc + j, ldc,     \
                                          bias ? bias + m : 0, K, mask);                              \
             m += 2;                                                                                  \
         }                                                                                            \
         if (m < M)                                                                                   \
-            dense_tile_1_##NV##_##MASKED(A + m * sam, sam, sak, B + j, ldb, C + m * ldc + j, ldc,     \
+            dense_tile_1_##NV##_##MASKED(A + m * sam, sam, sak, Bj, lb, C + m * ldc + j, ldc,     \
                                          bias ? bias + m : 0, K, mask);                              \
     } while (0)
 
-static void dense_one(const float *A, int64_t sam, int64_t sak, const float *B, int64_t ldb, float *C,
-                      int64_t ldc, const float *bias, int64_t M, int64_t N, int64_t K) {
+/* Columns j..j+width-1 of B given as its transpose (BT's rows ldbt apart, contiguous in k): copied
+   into panel as K rows of width, the layout the tiles read, while the columns stay in cache. */
+static inline const float *pack_panel(const float *BT, int64_t ldbt, int64_t j, int64_t nj, int64_t width,
+                                      int64_t K, float *panel) {
+    for (int64_t c = 0; c < nj; ++c) {
+        const float *row = BT + (j + c) * ldbt;
+        for (int64_t k = 0; k < K; ++k) panel[k * width + c] = row[k];
+    }
+    return panel;
+}
+
+/* B's rows ldb apart (bt = 0), or B given as its transpose with rows ldb apart (bt = 1, packed a
+   panel at a time into panel, K x 2 DL floats). */
+static void dense_one(const float *A, int64_t sam, int64_t sak, const float *B, int64_t ldb, int bt, float *panel,
+                      float *C, int64_t ldc, const float *bias, int64_t M, int64_t N, int64_t K) {
     const vmask none = tail_mask(DL);
     int64_t j = 0;
-    for (; j + 2 * DL <= N; j += 2 * DL) DENSE_ROWS(2, 0, none);
+    for (; j + 2 * DL <= N; j += 2 * DL) {
+        const float *Bj = bt ? pack_panel(B, ldb, j, 2 * DL, 2 * DL, K, panel) : B + j;
+        const int64_t lb = bt ? 2 * DL : ldb;
+        DENSE_ROWS(2, 0, none, Bj, lb);
+    }
     if (j + DL <= N) {
-        DENSE_ROWS(1, 0, none);
+        const float *Bj = bt ? pack_panel(B, ldb, j, DL, DL, K, panel) : B + j;
+        const int64_t lb = bt ? DL : ldb;
+        DENSE_ROWS(1, 0, none, Bj, lb);
         j += DL;
     }
     if (j < N) {
         const vmask tail = tail_mask(N - j);
-        DENSE_ROWS(1, 1, tail);
+        const float *Bj = bt ? pack_panel(B, ldb, j, N - j, DL, K, panel) : B + j;
+        const int64_t lb = bt ? DL : ldb;
+        DENSE_ROWS(1, 1, tail, Bj, lb);
     }
 }
 
 int vp_dense_fast(void) { return DL; }
 #else
-static void dense_one(const float *A, int64_t sam, int64_t sak, const float *B, int64_t ldb, float *C,
-                      int64_t ldc, const float *bias, int64_t M, int64_t N, int64_t K) {
+static void dense_one(const float *A, int64_t sam, int64_t sak, const float *B, int64_t ldb, int bt, float *panel,
+                      float *C, int64_t ldc, const float *bias, int64_t M, int64_t N, int64_t K) {
+    (void)panel;
     for (int64_t m = 0; m < M; ++m)
         for (int64_t j = 0; j < N; ++j) {
             float acc = 0.0f;
-            for (int64_t k = 0; k < K; ++k) acc = __builtin_fmaf(A[m * sam + k * sak], B[k * ldb + j], acc);
+            for (int64_t k = 0; k < K; ++k)
+                acc = __builtin_fmaf(A[m * sam + k * sak], bt ? B[j * ldb + k] : B[k * ldb + j], acc);
             C[m * ldc + j] = bias ? acc + bias[m] : acc;
         }
 }
@@ -128,12 +151,15 @@ static void dense_one(const float *A, int64_t sam, int64_t sak, const float *B, 
 int vp_dense_fast(void) { return 0; }
 #endif
 
-/* For each of P patients p: C_p[m, j] = sum_k A_p[m, k] B_p[k, j] (+ bias_p[m]), with A_p[m, k] at
-   A + p * sap + m * sam + k * sak (any layout: a weight or its transpose), B_p's rows ldb apart
-   and contiguous, C_p's rows ldc apart, bias (may be NULL) P rows of M. */
+/* For each of patients p = p0 .. p1 - 1: C_p[m, j] = sum_k A_p[m, k] B_p[k, j] (+ bias_p[m]), with
+   A_p[m, k] at A + p * sap + m * sam + k * sak (any layout: a weight or its transpose), B_p's rows
+   ldb apart and contiguous (bt = 0) or B_p given as its transpose, rows of K ldb apart (bt = 1),
+   C_p's rows ldc apart, bias (may be NULL) rows of M. panel: K x 16 floats of scratch when bt (any
+   thread calling this at once needs its own). */
 void vp_dense(const float *A, int64_t sap, int64_t sam, int64_t sak, const float *B, int64_t sbp,
-              int64_t ldb, float *C, int64_t scp, int64_t ldc, const float *bias, int64_t P, int64_t M,
-              int64_t N, int64_t K) {
-    for (int64_t p = 0; p < P; ++p)
-        dense_one(A + p * sap, sam, sak, B + p * sbp, ldb, C + p * scp, ldc, bias ? bias + p * M : 0, M, N, K);
+              int64_t ldb, int64_t bt, float *panel, float *C, int64_t scp, int64_t ldc, const float *bias,
+              int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K) {
+    for (int64_t p = p0; p < p1; ++p)
+        dense_one(A + p * sap, sam, sak, B + p * sbp, ldb, (int)bt, panel, C + p * scp, ldc,
+                  bias ? bias + p * M : 0, M, N, K);
 }
