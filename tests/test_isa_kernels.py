@@ -75,11 +75,12 @@ def test_fused_elementwise_steps_equal_torch(target):
         g = torch.randn(3, 21, 37, generator=gen)
         torch.testing.assert_close(ops.pre_activation_grad(g.clone(), dgot, 1.25, "native"),
                                    ops.pre_activation_grad(g.clone(), dgot, 1.25, "torch"), atol=0, rtol=0)
-    h = torch.randn(2, 19, 35, generator=gen)
-    draw = torch.randn(2, 35, 19, generator=gen)
-    torch.testing.assert_close(ops.add_noise_t(h.clone(), draw.clone(), 0.5, 0.1, 1.5, 0.2, "native"),
-                               ops.add_noise_t(h.clone(), draw.clone(), 0.5, 0.1, 1.5, 0.2, "torch"),
-                               atol=0, rtol=0)
+    for units, n in ((19, 35), (8, 8), (64, 40), (7, 5), (17, 9)):  # 8 x 8 register blocks and edges
+        h = torch.randn(2, units, n, generator=gen)
+        draw = torch.randn(2, n, units, generator=gen)
+        torch.testing.assert_close(ops.add_noise_t(h.clone(), draw.clone(), 0.5, 0.1, 1.5, 0.2, "native"),
+                                   ops.add_noise_t(h.clone(), draw.clone(), 0.5, 0.1, 1.5, 0.2, "torch"),
+                                   atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["native", "torch"])

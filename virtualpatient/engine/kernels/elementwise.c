@@ -83,30 +83,79 @@ VP_NOCONTRACT void vp_post(float *h, const float *src, const float *bias, void *
 
 /* Noise drawn as [P, n, units] added to activations kept as [P, units, n], then the rest of the
    hidden layer: h = ((h + sigma * noise^T) + add) * scale - shift, each a separate rounding as in the
-   dense path (add = 0, scale = 1, shift = 0 change nothing). 16 x 16 tiles keep the transpose in L1. */
+   dense path (add = 0, scale = 1, shift = 0 change nothing). With AVX2, blocks of 8 x 8 are
+   transposed in registers (the same four roundings per value, in vectors); edges, and builds
+   without AVX2, go through 16 x 16 tiles in L1. */
+static inline void noise_edge(float *H, const float *N, int64_t units, int64_t n, int64_t u0, int64_t nu,
+                              int64_t j0, int64_t nj, float sigma, float add, float scale, float shift) {
+    float tile[16][16];
+    for (int64_t j = 0; j < nj; ++j)
+        for (int64_t u = 0; u < nu; ++u) tile[u][j] = N[(j0 + j) * units + u0 + u];
+    for (int64_t u = 0; u < nu; ++u) {
+        float *x = H + (u0 + u) * n + j0;
+        for (int64_t j = 0; j < nj; ++j) {
+            const float t = sigma * tile[u][j];
+            float v = x[j] + t;
+            v = v + add;
+            v = v * scale;
+            x[j] = v - shift;
+        }
+    }
+}
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+/* Rows r[0..7] (samples) of 8 units -> r[u] = unit u over the 8 samples. */
+static inline void transpose8(__m256 r[8]) {
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+    r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+    r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+    r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+    r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+    r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+    r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+    r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+#endif
+
 VP_NOCONTRACT void vp_noise_t(float *h, const float *noise, int64_t P, int64_t units, int64_t n, float sigma,
                               float add, float scale, float shift) {
-    float tile[16][16];
     for (int64_t p = 0; p < P; ++p) {
         const float *N = noise + p * n * units;
         float *H = h + p * units * n;
-        for (int64_t u0 = 0; u0 < units; u0 += 16) {
-            const int64_t nu = units - u0 < 16 ? units - u0 : 16;
-            for (int64_t j0 = 0; j0 < n; j0 += 16) {
-                const int64_t nj = n - j0 < 16 ? n - j0 : 16;
-                for (int64_t j = 0; j < nj; ++j)
-                    for (int64_t u = 0; u < nu; ++u) tile[u][j] = N[(j0 + j) * units + u0 + u];
-                for (int64_t u = 0; u < nu; ++u) {
+        int64_t u0 = 0;
+#if defined(__AVX2__)
+        const __m256 vs = _mm256_set1_ps(sigma), va = _mm256_set1_ps(add), vc = _mm256_set1_ps(scale),
+                     vh = _mm256_set1_ps(shift);
+        for (; u0 + 8 <= units; u0 += 8) {
+            int64_t j0 = 0;
+            for (; j0 + 8 <= n; j0 += 8) {
+                __m256 r[8];
+                for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(N + (j0 + j) * units + u0);
+                transpose8(r);
+                for (int u = 0; u < 8; ++u) {
                     float *x = H + (u0 + u) * n + j0;
-                    for (int64_t j = 0; j < nj; ++j) {
-                        const float t = sigma * tile[u][j];
-                        float v = x[j] + t;
-                        v = v + add;
-                        v = v * scale;
-                        x[j] = v - shift;
-                    }
+                    __m256 v = _mm256_add_ps(_mm256_loadu_ps(x), _mm256_mul_ps(vs, r[u]));
+                    v = _mm256_add_ps(v, va);
+                    v = _mm256_mul_ps(v, vc);
+                    _mm256_storeu_ps(x, _mm256_sub_ps(v, vh));
                 }
             }
+            if (j0 < n) noise_edge(H, N, units, n, u0, 8, j0, n - j0, sigma, add, scale, shift);
+        }
+#endif
+        for (; u0 < units; u0 += 16) {
+            const int64_t nu = units - u0 < 16 ? units - u0 : 16;
+            for (int64_t j0 = 0; j0 < n; j0 += 16)
+                noise_edge(H, N, units, n, u0, nu, j0, n - j0 < 16 ? n - j0 : 16, sigma, add, scale, shift);
         }
     }
 }
