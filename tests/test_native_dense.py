@@ -68,6 +68,7 @@ def test_dense_layer_calls_take_it_only_when_enabled(monkeypatch):
             fwd = ops.dense_forward(w, b, x)
             gw, gb, gx = ops.dense_backward(w, g, x)
             ops.dense_backward(w, g[:, :, :1], x[:, :, :1])  # one sample: oneDNN's other kernel
+            ops.dense_forward(w, b, torch.randn(3, 30, ops._NATIVE_MAX_N + 1))  # an evaluation: oneDNN
         results[on] = (fwd, gw, gb, gx)
         assert len(calls) == (3 if on else 0)
     for a, c in zip(results[False], results[True]):

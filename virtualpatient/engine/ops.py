@@ -236,6 +236,11 @@ def _use_onednn(*tensors: torch.Tensor) -> bool:
 #: it splits), and the fewest rows or columns (a single one goes through another oneDNN kernel).
 _CHAIN_MAX_K, _CHAIN_MIN_N = 1024, 2
 
+#: Most samples (columns) for which ``vp_dense`` is used: it does not block for cache, and from 512
+#: columns (evaluations) oneDNN was faster on the Zen 3 (512 x 512 layer, 5 patients: 16.6 vs 19.0
+#: ms at 512, 61 vs 67 ms at 2,000); at training batches of 128 it is faster.
+_NATIVE_MAX_N = 256
+
 
 def dense_matches_onednn() -> bool:
     """Whether ``vp_dense`` computes the dense layers' three products (``W h``, ``gz h^T`` and
@@ -279,7 +284,7 @@ def _native_dense(weight: torch.Tensor, xt: torch.Tensor, *grads: torch.Tensor) 
         return False
     n_out, n_in, n = *weight.shape[1:], xt.shape[2]
     longest = max(n_in, n_out, n) if grads else n_in
-    return (min(n_out, n_in, n) >= _CHAIN_MIN_N and longest <= _CHAIN_MAX_K
+    return (min(n_out, n_in, n) >= _CHAIN_MIN_N and longest <= _CHAIN_MAX_K and n <= _NATIVE_MAX_N
             and _use_onednn(weight, xt, *grads) and native.usable(weight, xt, *grads) and dense_matches_onednn())
 
 
