@@ -42,14 +42,17 @@ static inline vmask tail_mask(int64_t n) {
 #endif
 #define D_UNROLL _Pragma("GCC unroll 16")
 
-/* Rows m0..m0+MR-1, columns j0..j0+NV*DL-1 of C (the last vector masked when MASKED). The bias,
-   when given, is added to each finished chain: one more rounding, as adding it afterwards. */
+/* Rows m0..m0+MR-1, columns j0..j0+NV*DL-1 of C (the last vector masked when MASKED), over K terms:
+   the chains start from 0 (first) or go on from the float32 values C holds, the same chain. The
+   bias, when given, is added to each finished chain: one more rounding, as adding it afterwards. */
 #define DENSE_TILE(MR, NV, MASKED)                                                                   \
     static inline void dense_tile_##MR##_##NV##_##MASKED(                                            \
         const float *A, int64_t sam, int64_t sak, const float *B, int64_t ldb, float *C,             \
-        int64_t ldc, const float *bias, int64_t K, vmask mask) {                                     \
+        int64_t ldc, const float *bias, int64_t K, vmask mask, int first) {                          \
         vr acc[MR][NV];                                                                              \
-        D_UNROLL for (int r = 0; r < MR; ++r) D_UNROLL for (int j = 0; j < NV; ++j) acc[r][j] = V_ZERO(); \
+        D_UNROLL for (int r = 0; r < MR; ++r) D_UNROLL for (int j = 0; j < NV; ++j)                  \
+            acc[r][j] = first ? V_ZERO() : (MASKED && j == NV - 1) ? V_MLOAD(C + r * ldc + DL * j, mask) \
+                                                                   : V_LOAD(C + r * ldc + DL * j);   \
         for (int64_t k = 0; k < K; ++k) {                                                            \
             vr b[NV];                                                                                \
             D_UNROLL for (int j = 0; j < NV; ++j)                                                    \
@@ -82,20 +85,20 @@ DENSE_TILES(1, 1)
         int64_t m = 0;                                                                               \
         for (; m + 6 <= M; m += 6)                                                                   \
             dense_tile_6_##NV##_##MASKED(A + m * sam, sam, sak, Bj, lb, C + m * ldc + j, ldc,     \
-                                         bias ? bias + m : 0, K, mask);                              \
+                                         bias ? bias + m : 0, kc, mask, first);                      \
         if (m + 3 <= M) {                                                                            \
             dense_tile_3_##NV##_##MASKED(A + m * sam, sam, sak, Bj, lb, C + m * ldc + j, ldc,     \
-                                         bias ? bias + m : 0, K, mask);                              \
+                                         bias ? bias + m : 0, kc, mask, first);                      \
             m += 3;                                                                                  \
         }                                                                                            \
         if (m + 2 <= M) {                                                                            \
             dense_tile_2_##NV##_##MASKED(A + m * sam, sam, sak, Bj, lb, C + m * ldc + j, ldc,     \
-                                         bias ? bias + m : 0, K, mask);                              \
+                                         bias ? bias + m : 0, kc, mask, first);                      \
             m += 2;                                                                                  \
         }                                                                                            \
         if (m < M)                                                                                   \
             dense_tile_1_##NV##_##MASKED(A + m * sam, sam, sak, Bj, lb, C + m * ldc + j, ldc,     \
-                                         bias ? bias + m : 0, K, mask);                              \
+                                         bias ? bias + m : 0, kc, mask, first);                      \
     } while (0)
 
 /* Columns j..j+width-1 of B given as its transpose (BT's rows ldbt apart, contiguous in k): copied
@@ -109,28 +112,42 @@ static inline const float *pack_panel(const float *BT, int64_t ldbt, int64_t j, 
     return panel;
 }
 
+/* Terms per block of the sum when A is read through a transpose (the input gradient: one cache
+   line per term and row strip): the chains are stored in C between blocks (the same chains), so a
+   block's panel of B (KC x 2 DL floats) and strip of A stay in L1. With A's rows contiguous, one
+   block (measured faster on the Zen 3: the strip is K floats per row). */
+#define KC 128
+
 /* B's rows ldb apart (bt = 0), or B given as its transpose with rows ldb apart (bt = 1, packed a
    panel at a time into panel, K x 2 DL floats). */
-static void dense_one(const float *A, int64_t sam, int64_t sak, const float *B, int64_t ldb, int bt, float *panel,
-                      float *C, int64_t ldc, const float *bias, int64_t M, int64_t N, int64_t K) {
+static void dense_one(const float *A0, int64_t sam, int64_t sak, const float *B0, int64_t ldb, int bt, float *panel,
+                      float *C, int64_t ldc, const float *bias0, int64_t M, int64_t N, int64_t K) {
     const vmask none = tail_mask(DL);
-    int64_t j = 0;
-    for (; j + 2 * DL <= N; j += 2 * DL) {
-        const float *Bj = bt ? pack_panel(B, ldb, j, 2 * DL, 2 * DL, K, panel) : B + j;
-        const int64_t lb = bt ? 2 * DL : ldb;
-        DENSE_ROWS(2, 0, none, Bj, lb);
-    }
-    if (j + DL <= N) {
-        const float *Bj = bt ? pack_panel(B, ldb, j, DL, DL, K, panel) : B + j;
-        const int64_t lb = bt ? DL : ldb;
-        DENSE_ROWS(1, 0, none, Bj, lb);
-        j += DL;
-    }
-    if (j < N) {
-        const vmask tail = tail_mask(N - j);
-        const float *Bj = bt ? pack_panel(B, ldb, j, N - j, DL, K, panel) : B + j;
-        const int64_t lb = bt ? DL : ldb;
-        DENSE_ROWS(1, 1, tail, Bj, lb);
+    const int64_t block = sak == 1 ? K : KC;
+    for (int64_t k0 = 0; k0 < K; k0 += block) {
+        const int64_t kc = K - k0 < block ? K - k0 : block;
+        const int first = k0 == 0;
+        const float *bias = k0 + kc == K ? bias0 : 0;
+        const float *A = A0 + k0 * sak;
+        const float *B = bt ? B0 + k0 : B0 + k0 * ldb;
+        int64_t j = 0;
+        for (; j + 2 * DL <= N; j += 2 * DL) {
+            const float *Bj = bt ? pack_panel(B, ldb, j, 2 * DL, 2 * DL, kc, panel) : B + j;
+            const int64_t lb = bt ? 2 * DL : ldb;
+            DENSE_ROWS(2, 0, none, Bj, lb);
+        }
+        if (j + DL <= N) {
+            const float *Bj = bt ? pack_panel(B, ldb, j, DL, DL, kc, panel) : B + j;
+            const int64_t lb = bt ? DL : ldb;
+            DENSE_ROWS(1, 0, none, Bj, lb);
+            j += DL;
+        }
+        if (j < N) {
+            const vmask tail = tail_mask(N - j);
+            const float *Bj = bt ? pack_panel(B, ldb, j, N - j, DL, kc, panel) : B + j;
+            const int64_t lb = bt ? DL : ldb;
+            DENSE_ROWS(1, 1, tail, Bj, lb);
+        }
     }
 }
 
