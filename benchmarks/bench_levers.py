@@ -352,7 +352,37 @@ def order(n: int = 128) -> None:
           + (f" (differ: {', '.join(differ)})" if differ else "") + "  limits: " + "  ".join(limits))
 
 
-LEVERS = {"flops": flops, "order": order, "crossover": crossover, "step": step, "live_units": live_units, "adam": adam,
+def _dense_calls(w, b, x, g, native_dense: bool) -> tuple[float, float, tuple[torch.Tensor, ...]]:
+    """ms of a dense layer's forward and backward calls with ``native_dense`` set, and their results."""
+    z, gx = torch.empty(x.shape[0], w.shape[1], x.shape[2]), torch.empty_like(x)
+    with settings.engine_options(native_dense=native_dense):
+        fwd = _cpu(lambda: ops.dense_forward(w, b, x, out=z)) * 1e3
+        bwd = _cpu(lambda: ops.dense_backward(w, g, x, True, out=gx, stacked=False)) * 1e3
+        gw = ops.dense_backward(w, g, x, True, out=gx, stacked=False)[0]
+    return fwd, bwd, (z, torch.stack(list(gw)), gx)
+
+
+def dense(p: int = 5, n: int = 128) -> None:
+    """A dense layer's training products, as the engine calls them, through oneDNN and through
+    ``vp_dense`` (``EngineConfig.native_dense``), which must give the same bits: the paper's
+    ketamine-like live blocks and the full 512 x 512 layer, a batch of ``n`` for ``p`` patients.
+    ms per call (forward with bias; backward = weight, bias and input gradients)."""
+    if not ops.dense_matches_onednn():
+        print("dense         vp_dense does not give oneDNN's numbers here (or no AVX2 + FMA kernel): skipped")
+        return
+    gen = torch.Generator().manual_seed(0)
+    for n_out, n_in in ((458, 276), (167, 458), (512, 512)):
+        w, b = torch.randn(p, n_out, n_in, generator=gen), torch.randn(p, n_out, generator=gen)
+        x, g = torch.randn(p, n_in, n, generator=gen), torch.randn(p, n_out, n, generator=gen)
+        f0, b0, r0 = _dense_calls(w, b, x, g, False)
+        f1, b1, r1 = _dense_calls(w, b, x, g, True)
+        same = all(torch.equal(a, c) for a, c in zip(r0, r1))
+        print(f"dense         {n_out}x{n_in} P={p} n={n}, ms:  oneDNN forward {f0:.2f} backward {b0:.2f}  "
+              f"vp_dense forward {f1:.2f} backward {b1:.2f}  ratio {(f0 + b0) / (f1 + b1):.2f}x  same bits {same}")
+
+
+LEVERS = {"flops": flops, "order": order, "dense": dense, "crossover": crossover, "step": step,
+          "live_units": live_units, "adam": adam,
           "scaling": scaling, "evaluation": evaluation, "threads": threads, "compile": compiled, "noise": noise}
 
 

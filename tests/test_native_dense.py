@@ -104,9 +104,9 @@ def test_rejects_strided_rows():
         native.dense(torch.zeros(1, 4, 4), torch.zeros(1, 4, 4), torch.zeros(1, 4, 8)[:, :, ::2])
 
 
-def test_patients_split_over_threads_give_the_same_products():
-    """With two torch threads the patients of one call are split over a thread pool (each part
-    with its own packing panel): the same bits as one thread computing them all."""
+def test_rows_split_over_threads_give_the_same_products():
+    """With two torch threads the rows of one call are split over a thread pool (each part with
+    its own packing panel): the same bits as one thread computing them all."""
     _needs_chain_order()
     gen = torch.Generator().manual_seed(11)
     a, y = torch.randn(6, 130, 300, generator=gen), torch.randn(6, 140, 300, generator=gen)
@@ -116,7 +116,7 @@ def test_patients_split_over_threads_give_the_same_products():
         torch.set_num_threads(1)
         one = native.dense(a, b, torch.empty(6, 130, 140))
         torch.set_num_threads(2)
-        parts = native._split_blocks(6, 6 * 130 * 140 * 300)
+        parts = native._split_blocks(-(-130 // 6), 6 * 130 * 140 * 300)  # as native.dense splits rows
         two = native.dense(a, b, torch.empty(6, 130, 140))
     finally:
         torch.set_num_threads(threads)
@@ -131,3 +131,21 @@ def test_each_instruction_set_build_equals_onednn(target):
     if hasattr(lib, "vp_dense_ok"):
         delattr(lib, "vp_dense_ok")
     assert ops.dense_matches_onednn()
+
+
+def test_default_takes_it_with_one_thread_and_8_float_kernels(monkeypatch):
+    """``native_dense=None`` (the default) uses ``vp_dense`` for a training batch exactly where it
+    was measured faster: one torch thread (the worker processes) and kernels for 8-float vectors;
+    never for an evaluation-sized batch."""
+    _needs_chain_order()
+    w, x = torch.zeros(2, 40, 30), torch.zeros(2, 30, 128)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads, width, expected in ((1, 8, True), (2, 8, False), (1, 16, False)):
+            torch.set_num_threads(n_threads)
+            monkeypatch.setattr(native, "dense_vector_width", lambda width=width: width)
+            with engine_options(native_dense=None):
+                assert ops._native_dense(w, x) is expected
+                assert not ops._native_dense(w, torch.zeros(2, 30, 4000))
+    finally:
+        torch.set_num_threads(threads)

@@ -176,7 +176,7 @@ def _compile(march: str = "native") -> ctypes.CDLL | None:
     lib.vp_noise_t.restype = None
     lib.vp_normal.argtypes = [p, p, i, f, f]
     lib.vp_normal.restype = None
-    lib.vp_dense.argtypes = [p, i, i, i, p, i, i, i, p, p, i, i, p, i, i, i, i, i]
+    lib.vp_dense.argtypes = [p, i, i, i, p, i, i, i, p, p, i, i, p, i, i, i, i, i, i]
     lib.vp_dense.restype = None
     lib.vp_dense_fast.argtypes = []
     lib.vp_dense_fast.restype = ctypes.c_int
@@ -395,8 +395,8 @@ def dense(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: torch.Tenso
     per output in ascending ``k``. ``a`` ``[P, M, K]`` in any layout; ``b`` ``[P, K, N]`` with
     contiguous rows, or the transpose of a tensor with contiguous rows (packed a panel at a time,
     no copy of the whole); ``out`` ``[P, M, N]`` with contiguous rows, ``bias`` ``[P, M]``
-    contiguous; all float32 on the CPU. Patients are split over torch's threads when the work is
-    worth it, as :func:`spmm`."""
+    contiguous; all float32 on the CPU. With several torch threads the rows are split over them
+    (each output is its own chain, so the bits do not depend on the split)."""
     n_patients, m, k = a.shape
     n = b.shape[2]
     transposed = b.stride(2) != 1 and b.stride(1) == 1
@@ -404,13 +404,17 @@ def dense(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: torch.Tenso
         raise ValueError("vp_dense needs rows of b (or of its transpose) and of out, and the bias, contiguous")
     lib = _native_lib()
     ldb = b.stride(2) if transposed else b.stride(1)
+    tile = 6  # the kernel's register tile: parts of whole tiles
 
-    def run(p0: int, p1: int) -> None:
+    def run(t0: int, t1: int) -> None:
+        m0, m1 = t0 * tile, min(t1 * tile, m)
         panel = torch.empty(32 * k) if transposed else None
-        lib.vp_dense(_ptr(a), a.stride(0), a.stride(1), a.stride(2), _ptr(b), b.stride(0), ldb, int(transposed),
-                     _ptr(panel), _ptr(out), out.stride(0), out.stride(1), _ptr(bias), p0, p1, m, n, k)
+        row_bias = None if bias is None else bias[:, m0:]
+        lib.vp_dense(_ptr(a[:, m0:]), a.stride(0), a.stride(1), a.stride(2), _ptr(b), b.stride(0), ldb,
+                     int(transposed), _ptr(panel), _ptr(out[:, m0:]), out.stride(0), out.stride(1), _ptr(row_bias),
+                     m, 0, n_patients, m1 - m0, n, k)
 
-    _run_parts(_split_blocks(n_patients, n_patients * m * n * k), run)
+    _run_parts(_split_blocks(-(-m // tile), n_patients * m * n * k), run)
     return out
 
 

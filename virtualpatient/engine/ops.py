@@ -278,8 +278,8 @@ def _native_dense(weight: torch.Tensor, xt: torch.Tensor, *grads: torch.Tensor) 
     :attr:`~virtualpatient.engine.settings.EngineConfig.native_dense`): where each of their sums
     (over ``in``; backward also over ``out`` and ``n``) is one chain in oneDNN."""
     wanted = settings.ENGINE.native_dense
-    if wanted is None:  # measured faster with 8-float vectors only (docs/performance.md)
-        wanted = native.kernels_available() and native.dense_vector_width() == 8
+    if wanted is None:  # where it was measured faster: 8-float vectors, one thread (docs/performance.md)
+        wanted = torch.get_num_threads() == 1 and native.kernels_available() and native.dense_vector_width() == 8
     if not wanted:
         return False
     n_out, n_in, n = *weight.shape[1:], xt.shape[2]

@@ -38,12 +38,15 @@ class EngineConfig:
         layer for all patients, written where the step needs them, the weight gradient's
         transposed input packed a panel at a time) wherever it gives oneDNN's numbers bit for
         bit: it keeps oneDNN's order of sums, which
-        :func:`~virtualpatient.engine.ops.dense_matches_onednn` checks on first use. ``None``
-        (default): on where the kernels were built for 8-float vectors (AVX2 + FMA), where it was
-        measured faster: on a 2-core AVX2 EPYC (Zen 3) the ketamine-like maintenance step took
-        14.2-14.6 ms instead of 15.7-16.2 (p10 of five alternated runs, the same weights bit for
-        bit). Off with AVX-512 kernels until it is measured there (docs/performance.md). Patients
-        are split over torch's threads, as the compressed kernels do.
+        :func:`~virtualpatient.engine.ops.dense_matches_onednn` checks on first use; training
+        batches only (at most 256 samples). ``None`` (default): on where it was measured faster,
+        with kernels built for 8-float vectors (AVX2 + FMA) and one torch thread, as in the
+        worker processes every study command uses by default. On a 2-core AVX2 EPYC (Zen 3) the
+        ketamine-like maintenance step took 13.0-13.5 ms instead of 15.2-16.0 (p10 of five
+        alternated runs, the same weights bit for bit). With several threads its rows are split
+        over them, but an in-process run of the quick study with 2 threads took 22.7-24.5 s with
+        it and 20.8-21.8 s with oneDNN's threading, so it stays off there; with AVX-512 kernels it
+        stays off until it is measured there (docs/performance.md).
     sparse_backend
         ``None`` (default: :func:`virtualpatient.engine.native.backend`), ``"native"``, ``"torch"`` or ``"off"``.
     reduce_units

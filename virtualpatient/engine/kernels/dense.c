@@ -171,12 +171,13 @@ int vp_dense_fast(void) { return 0; }
 /* For each of patients p = p0 .. p1 - 1: C_p[m, j] = sum_k A_p[m, k] B_p[k, j] (+ bias_p[m]), with
    A_p[m, k] at A + p * sap + m * sam + k * sak (any layout: a weight or its transpose), B_p's rows
    ldb apart and contiguous (bt = 0) or B_p given as its transpose, rows of K ldb apart (bt = 1),
-   C_p's rows ldc apart, bias (may be NULL) rows of M. panel: K x 16 floats of scratch when bt (any
-   thread calling this at once needs its own). */
+   C_p's rows ldc apart, bias (may be NULL) rows sbias apart. A caller may split the rows: pass
+   A, C and bias at the first row and M the rows to compute (each output is its own chain). panel:
+   K x 2 DL floats of scratch when bt (any thread calling this at once needs its own). */
 void vp_dense(const float *A, int64_t sap, int64_t sam, int64_t sak, const float *B, int64_t sbp,
               int64_t ldb, int64_t bt, float *panel, float *C, int64_t scp, int64_t ldc, const float *bias,
-              int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K) {
+              int64_t sbias, int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K) {
     for (int64_t p = p0; p < p1; ++p)
         dense_one(A + p * sap, sam, sak, B + p * sbp, ldb, (int)bt, panel, C + p * scp, ldc,
-                  bias ? bias + p * M : 0, M, N, K);
+                  bias ? bias + p * sbias : 0, M, N, K);
 }
