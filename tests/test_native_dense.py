@@ -46,6 +46,8 @@ def test_three_products_equal_onednn(shape):
     gw = native.dense(g, x.transpose(1, 2), torch.empty(2, n_out, n_in))  # x^T packed a panel at a time
     gx = native.dense(w.transpose(1, 2), g, torch.empty(2, n_in, n))
     assert torch.equal(gw, native.dense(g, x.transpose(1, 2).contiguous(), torch.empty(2, n_out, n_in)))
+    g_packed = g.transpose(1, 2).contiguous().transpose(1, 2)  # blocked sums (A read through W^T) and packed B
+    assert torch.equal(gx, native.dense(w.transpose(1, 2), g_packed, torch.empty(2, n_in, n)))
     for p in range(2):
         assert torch.equal(z[p], ops._mm(w[p], x[p].t()) + b[p].unsqueeze(1))
         assert torch.equal(gw[p], ops._mm(g[p], x[p]))

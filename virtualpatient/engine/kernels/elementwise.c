@@ -86,7 +86,7 @@ VP_NOCONTRACT void vp_post(float *h, const float *src, const float *bias, void *
    dense path (add = 0, scale = 1, shift = 0 change nothing). With AVX2, blocks of 8 x 8 are
    transposed in registers (the same four roundings per value, in vectors); edges, and builds
    without AVX2, go through 16 x 16 tiles in L1. */
-static inline void noise_edge(float *H, const float *N, int64_t units, int64_t n, int64_t u0, int64_t nu,
+VP_NOCONTRACT static inline void noise_edge(float *H, const float *N, int64_t units, int64_t n, int64_t u0, int64_t nu,
                               int64_t j0, int64_t nj, float sigma, float add, float scale, float shift) {
     float tile[16][16];
     for (int64_t j = 0; j < nj; ++j)
