@@ -282,7 +282,8 @@ def _threads_pool() -> ThreadPoolExecutor | None:
 
 
 def _split_blocks(n_blocks: int, work: int) -> list[tuple[int, int]]:
-    """Split patient blocks over torch's thread count when the work is worth it (ctypes drops the GIL)."""
+    """Split ``n_blocks`` independent blocks (patients, or a kernel's row tiles) over torch's thread
+    count when the work is worth it (ctypes drops the GIL)."""
     if work < 2_000_000 or n_blocks < 2 or torch.get_num_threads() <= 1:
         return [(0, n_blocks)]
     pool = _threads_pool()
@@ -390,6 +391,11 @@ def pre_grad(g: torch.Tensor, deriv: torch.Tensor, scale: float) -> None:
     _native_lib().vp_pre_grad(_ptr(g), _ptr(deriv), g.numel(), 0 if deriv.dtype == torch.bool else 1, scale)
 
 
+#: ``vp_dense``'s register tile height (rows split over threads come in whole tiles) and its widest
+#: panel of ``B`` (two vectors of at most 16 floats): kernels/dense.c.
+_DENSE_TILE_ROWS, _DENSE_PANEL_WIDTH = 6, 32
+
+
 def dense(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``out[p] = a[p] @ b[p] (+ bias[p, :, None])`` through ``vp_dense``: one fused multiply-add chain
     per output in ascending ``k``. ``a`` ``[P, M, K]`` in any layout; ``b`` ``[P, K, N]`` with
@@ -404,17 +410,16 @@ def dense(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: torch.Tenso
         raise ValueError("vp_dense needs rows of b (or of its transpose) and of out, and the bias, contiguous")
     lib = _native_lib()
     ldb = b.stride(2) if transposed else b.stride(1)
-    tile = 6  # the kernel's register tile: parts of whole tiles
 
     def run(t0: int, t1: int) -> None:
-        m0, m1 = t0 * tile, min(t1 * tile, m)
-        panel = torch.empty(32 * k) if transposed else None
+        m0, m1 = t0 * _DENSE_TILE_ROWS, min(t1 * _DENSE_TILE_ROWS, m)
+        panel = torch.empty(_DENSE_PANEL_WIDTH * k) if transposed else None
         row_bias = None if bias is None else bias[:, m0:]
         lib.vp_dense(_ptr(a[:, m0:]), a.stride(0), a.stride(1), a.stride(2), _ptr(b), b.stride(0), ldb,
                      int(transposed), _ptr(panel), _ptr(out[:, m0:]), out.stride(0), out.stride(1), _ptr(row_bias),
                      m, 0, n_patients, m1 - m0, n, k)
 
-    _run_parts(_split_blocks(-(-m // tile), n_patients * m * n * k), run)
+    _run_parts(_split_blocks(-(-m // _DENSE_TILE_ROWS), n_patients * m * n * k), run)
     return out
 
 

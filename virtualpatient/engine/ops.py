@@ -237,8 +237,8 @@ def _use_onednn(*tensors: torch.Tensor) -> bool:
 _CHAIN_MAX_K, _CHAIN_MIN_N = 1024, 2
 
 #: Most samples (columns) for which ``vp_dense`` is used: it does not block for cache, and from 512
-#: columns (evaluations) oneDNN was faster on the Zen 3 (512 x 512 layer, 5 patients: 16.6 vs 19.0
-#: ms at 512, 61 vs 67 ms at 2,000); at training batches of 128 it is faster.
+#: columns (evaluations) oneDNN was faster on a 2-core AVX2 Zen 3, one thread (512 x 512 layer, 5
+#: patients: 16.6 vs 19.0 ms at 512, 61 vs 67 ms at 2,000); at training batches of 128 it is faster.
 _NATIVE_MAX_N = 256
 
 
