@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from virtualpatient.engine import native, ops, reduction, settings
 from virtualpatient.engine.adam import BatchedAdam
 from virtualpatient.engine.hidden import HiddenLayer, NoiseTerm
+from virtualpatient.engine.tiles import TilePlan
 from virtualpatient.network import BiasedNoise, Modulation, NoiseSource, NonFiniteError, Params
 
 if TYPE_CHECKING:
@@ -177,13 +178,14 @@ def batch_loss(params: Params, xb: torch.Tensor, yb: torch.Tensor, mod: Modulati
 class _Layer:
     """One layer of a :class:`_Net`: dense (the ``Params`` weight itself) or compressed."""
 
-    __slots__ = ("weight", "bias", "mask", "pattern", "values", "kind")
+    __slots__ = ("weight", "bias", "mask", "pattern", "values", "kind", "_plan")
 
     def __init__(self, weight: torch.Tensor, mask: torch.Tensor, kind: str, bias: torch.Tensor) -> None:
         self.weight, self.bias, self.kind = weight, bias, kind
         self.pattern: ops.Pattern | None = None
         self.values: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
+        self._plan: TilePlan | bool | None = None
         cfg = settings.ENGINE
         size = weight[0].numel()
         if kind != "off" and size >= cfg.sparse_min_weights:
@@ -210,6 +212,19 @@ class _Layer:
     def onednn(self) -> bool:
         return self.weight[0].numel() >= settings.ENGINE.onednn_min_weights
 
+    def tiles(self) -> TilePlan | None:
+        """The zero-skipping :class:`~virtualpatient.engine.tiles.TilePlan` of a masked dense layer
+        (:attr:`~virtualpatient.engine.settings.EngineConfig.skip_zeros`), made on first use; ``None``
+        for other layers, or when a masked weight is not 0 (the tiles would leave it out). The
+        layer's masked weights stay 0 after that: :func:`train` re-masks after every step."""
+        if self._plan is None:
+            self._plan = False
+            if self.mask is not None and settings.ENGINE.skip_zeros:
+                with torch.no_grad():
+                    if not bool(self.weight.masked_select(self.mask == 0).any()):
+                        self._plan = TilePlan(self.mask)
+        return self._plan or None
+
     def forward(self, h: torch.Tensor, out: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
         """``W h + b`` for transposed activations ``h`` ``[P, in, n]`` -> ``[P, out, n]`` (no autograd);
@@ -217,7 +232,7 @@ class _Layer:
         bias = self.bias if bias is None else bias
         if self.compressed:
             return ops.sparse_forward(self.pattern, self.values, bias, h, out, self.kind)
-        return ops.dense_forward(self.weight, bias, h, out, onednn=self.onednn)
+        return ops.dense_forward(self.weight, bias, h, out, onednn=self.onednn, tiles=self.tiles)
 
     def products(self, h: torch.Tensor) -> list[torch.Tensor] | None:
         """``W h`` per patient, without the bias, for a dense layer on oneDNN (else ``None``: use
@@ -230,7 +245,8 @@ class _Layer:
         dense layer may be a list of per-patient tensors, as :class:`BatchedAdam` takes it)."""
         if self.compressed:
             return ops.sparse_backward(self.pattern, self.values, gz, h, need_input, out, self.kind)
-        return ops.dense_backward(self.weight, gz, h, need_input, out, onednn=self.onednn, stacked=False)
+        return ops.dense_backward(self.weight, gz, h, need_input, out, onednn=self.onednn, stacked=False,
+                                  tiles=self.tiles)
 
 
 _workspace = threading.local()

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from virtualpatient.engine.tiles import Tiles
 from virtualpatient.errors import UsageError
 from virtualpatient.limits import cache_dir, cpu_signature
 
@@ -178,6 +179,8 @@ def _compile(march: str = "native") -> ctypes.CDLL | None:
     lib.vp_normal.restype = None
     lib.vp_dense.argtypes = [p, i, i, i, p, i, i, i, p, p, i, i, p, i, i, i, i, i, i]
     lib.vp_dense.restype = None
+    lib.vp_dense_tiles.argtypes = [p, i, i, i, p, i, i, p, i, i, p, i, p, p, p, i, i, i, i]
+    lib.vp_dense_tiles.restype = None
     lib.vp_dense_fast.argtypes = []
     lib.vp_dense_fast.restype = ctypes.c_int
     lib.vp_march = march
@@ -420,6 +423,27 @@ def dense(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: torch.Tenso
                      m, 0, n_patients, m1 - m0, n, k)
 
     _run_parts(_split_blocks(-(-m // _DENSE_TILE_ROWS), n_patients * m * n * k), run)
+    return out
+
+
+def dense_tiles(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, tiles: Tiles,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`dense` through ``vp_dense_tiles``: the rows of ``out`` in the tiles of ``tiles``, each
+    tile's chains over its own list of terms (``b``'s rows contiguous). Equal to :func:`dense`
+    bit for bit where ``a`` is 0 at every term a tile leaves out (for finite ``b``)."""
+    n_patients, m, k = a.shape
+    n = b.shape[2]
+    if b.stride(2) != 1 or out.stride(2) != 1 or (bias is not None and not bias.is_contiguous()):
+        raise ValueError("vp_dense_tiles needs rows of b and of out, and the bias, contiguous")
+    lib = _native_lib()
+    table, ptr, idx = tiles.table, tiles.ptr, tiles.idx
+
+    def run(t0: int, t1: int) -> None:
+        lib.vp_dense_tiles(_ptr(a), a.stride(0), a.stride(1), a.stride(2), _ptr(b), b.stride(0), b.stride(1),
+                           _ptr(out), out.stride(0), out.stride(1), _ptr(bias), 0 if bias is None else bias.stride(0),
+                           _ptr(table), _ptr(ptr), _ptr(idx), t0, t1, n, k)
+
+    _run_parts(_split_blocks(tiles.n_tiles, n_patients * m * n * k), run)
     return out
 
 

@@ -44,11 +44,12 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from virtualpatient.engine import native, settings
+from virtualpatient.engine.tiles import TilePlan
 
 __all__ = [
     "Pattern",
@@ -289,16 +290,22 @@ def _native_dense(weight: torch.Tensor, xt: torch.Tensor, *grads: torch.Tensor) 
 
 
 def dense_forward(weight: torch.Tensor, bias: torch.Tensor, xt: torch.Tensor,
-                  out: torch.Tensor | None = None, onednn: bool = True) -> torch.Tensor:
+                  out: torch.Tensor | None = None, onednn: bool = True,
+                  tiles: Callable[[], TilePlan | None] | None = None) -> torch.Tensor:
     """``W xt + b`` for ``xt`` ``[P, in, n]`` -> ``[P, out, n]`` (no autograd).
 
     On CPU one oneDNN matmul per patient (MKL's batched matmul runs its AVX2 code on AMD CPUs;
     oneDNN's AVX-512 code was 2.2x faster per product here, docs/performance.md), else ``baddbmm``.
+    ``tiles`` gives a masked layer's :class:`~virtualpatient.engine.tiles.TilePlan` (or ``None``),
+    asked for only where ``vp_dense`` computes the product: its tiles then skip the zero weights.
     """
     weight, bias = weight.detach(), bias.detach()
     if onednn and _native_dense(weight, xt):
         if out is None:
             out = torch.empty(weight.shape[0], weight.shape[1], xt.shape[2], dtype=xt.dtype, device=xt.device)
+        plan = tiles() if tiles is not None else None
+        if plan is not None:
+            return native.dense_tiles(weight, xt.contiguous(), out, plan.rows, bias.contiguous())
         return native.dense(weight, xt.contiguous(), out, bias.contiguous())
     parts = dense_products(weight, xt, onednn)
     if parts is None:
@@ -320,13 +327,15 @@ def dense_products(weight: torch.Tensor, xt: torch.Tensor, onednn: bool = True) 
 
 
 def dense_backward(weight: torch.Tensor, gz: torch.Tensor, xt: torch.Tensor, need_input: bool = True,
-                   out: torch.Tensor | None = None, onednn: bool = True,
-                   stacked: bool = True) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+                   out: torch.Tensor | None = None, onednn: bool = True, stacked: bool = True,
+                   tiles: Callable[[], TilePlan | None] | None = None,
+                   ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
     """Gradients of ``z = W xt + b``: ``(d W = gz xt^T, d b, d xt = W^T gz or None)``.
 
     With ``stacked=False`` the oneDNN path gives ``d W`` as the list of per-patient products it
     computes (what :class:`~virtualpatient.engine.adam.BatchedAdam` takes as it is), saving a
-    copy of every weight gradient per step; the values are the same."""
+    copy of every weight gradient per step; the values are the same. ``tiles`` as in
+    :func:`dense_forward`, for ``d xt``."""
     weight = weight.detach()
     gz, xt = gz.contiguous(), xt.contiguous()
     gbias = gz.sum(2)
@@ -344,7 +353,10 @@ def dense_backward(weight: torch.Tensor, gz: torch.Tensor, xt: torch.Tensor, nee
             gw = list(gw.unbind(0))
         gx = None
         if need_input:  # W^T gz: the weight read in place through its transpose's strides
-            gx = native.dense(weight.transpose(1, 2), gz, out if out is not None else torch.empty_like(xt))
+            plan = tiles() if tiles is not None else None
+            gx = out if out is not None else torch.empty_like(xt)
+            gx = native.dense(weight.transpose(1, 2), gz, gx) if plan is None else \
+                native.dense_tiles(weight.transpose(1, 2), gz, gx, plan.cols)
         return gw, gbias, gx
     if n == 1:  # an outer product (the constant units' share, one sample): one rounding
         gw = torch.mul(gz, xt.transpose(1, 2))  # per entry whoever computes it, and one call, not P

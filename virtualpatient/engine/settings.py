@@ -47,6 +47,12 @@ class EngineConfig:
         over them, but an in-process run of the quick study with 2 threads took 22.7-24.5 s with
         it and 20.8-21.8 s with oneDNN's threading, so it stays off there; with AVX-512 kernels it
         stays off until it is measured there (docs/performance.md).
+    skip_zeros
+        Where ``vp_dense`` computes a masked dense layer's forward product or input gradient, run
+        each tile of six outputs over the terms with a nonzero weight only
+        (:mod:`virtualpatient.engine.tiles`): the same numbers bit for bit, as a zero term adds
+        nothing to a chain of fused multiply-adds. The ketamine-like arm's layers keep their
+        regrown weights in nearly full rows, so this computes about 65-75 % of those products.
     sparse_backend
         ``None`` (default: :func:`virtualpatient.engine.native.backend`), ``"native"``, ``"torch"`` or ``"off"``.
     reduce_units
@@ -67,6 +73,7 @@ class EngineConfig:
     sparse_min_weights: int = 0
     onednn_min_weights: int = 16_384
     native_dense: bool | None = None
+    skip_zeros: bool = True
     sparse_backend: str | None = None
     reduce_units: bool = True
     reduce_max_work: float = 0.9

@@ -9,6 +9,23 @@
    are masked). */
 #include <stdint.h>
 
+/* Columns j..j+width-1 of B given as its transpose (BT's rows ldbt apart, contiguous in k): copied
+   into panel as K rows of width, the layout the tiles read, while the columns stay in cache. */
+static inline const float *pack_panel(const float *BT, int64_t ldbt, int64_t j, int64_t nj, int64_t width,
+                                      int64_t K, float *panel) {
+    for (int64_t c = 0; c < nj; ++c) {
+        const float *row = BT + (j + c) * ldbt;
+        for (int64_t k = 0; k < K; ++k) panel[k * width + c] = row[k];
+    }
+    return panel;
+}
+
+/* Terms per block of the sum when A is read through a transpose (the input gradient: one cache
+   line per term and row strip): the chains are stored in C between blocks (the same chains), so a
+   block's panel of B (KC x 2 DL floats) and strip of A stay in L1. With A's rows contiguous, one
+   block (measured faster on the Zen 3: the strip is K floats per row). */
+#define KC 128
+
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #if defined(__AVX512F__)
@@ -101,23 +118,6 @@ DENSE_TILES(1, 1)
                                          bias ? bias + m : 0, kc, mask, first);                      \
     } while (0)
 
-/* Columns j..j+width-1 of B given as its transpose (BT's rows ldbt apart, contiguous in k): copied
-   into panel as K rows of width, the layout the tiles read, while the columns stay in cache. */
-static inline const float *pack_panel(const float *BT, int64_t ldbt, int64_t j, int64_t nj, int64_t width,
-                                      int64_t K, float *panel) {
-    for (int64_t c = 0; c < nj; ++c) {
-        const float *row = BT + (j + c) * ldbt;
-        for (int64_t k = 0; k < K; ++k) panel[k * width + c] = row[k];
-    }
-    return panel;
-}
-
-/* Terms per block of the sum when A is read through a transpose (the input gradient: one cache
-   line per term and row strip): the chains are stored in C between blocks (the same chains), so a
-   block's panel of B (KC x 2 DL floats) and strip of A stay in L1. With A's rows contiguous, one
-   block (measured faster on the Zen 3: the strip is K floats per row). */
-#define KC 128
-
 /* B's rows ldb apart (bt = 0), or B given as its transpose with rows ldb apart (bt = 1, packed a
    panel at a time into panel, K x 2 DL floats). */
 static void dense_one(const float *A0, int64_t sam, int64_t sak, const float *B0, int64_t ldb, int bt, float *panel,
@@ -151,6 +151,70 @@ static void dense_one(const float *A0, int64_t sam, int64_t sak, const float *B0
     }
 }
 
+/* Tiles given as lists (vp_dense_tiles): up to 6 rows anywhere in A and C (one pointer per row),
+   over the terms k listed in terms (LISTED) or k = 0 .. K - 1. A zero term adds nothing to a chain
+   of fused multiply-adds (fma(0, b, c) = c for finite b, and the chain never holds -0), so leaving
+   out terms whose A entries are all 0 keeps every chain's value. bv: the rows' bias values or 0. */
+#define LIST_TILE(MR, NV, MASKED, LISTED)                                                            \
+    static inline void list_tile_##MR##_##NV##_##MASKED##_##LISTED(                                  \
+        const float *const *a, int64_t sak, const int32_t *terms, const float *B, int64_t ldb,       \
+        float *const *c, const float *bv, int64_t K, vmask mask, int first) {                        \
+        vr acc[MR][NV];                                                                              \
+        D_UNROLL for (int r = 0; r < MR; ++r) D_UNROLL for (int j = 0; j < NV; ++j)                  \
+            acc[r][j] = first ? V_ZERO() : (MASKED && j == NV - 1) ? V_MLOAD(c[r] + DL * j, mask)    \
+                                                                   : V_LOAD(c[r] + DL * j);          \
+        for (int64_t i = 0; i < K; ++i) {                                                            \
+            const int64_t k = LISTED ? terms[i] : i;                                                 \
+            vr b[NV];                                                                                \
+            D_UNROLL for (int j = 0; j < NV; ++j)                                                    \
+                b[j] = (MASKED && j == NV - 1) ? V_MLOAD(B + k * ldb + DL * j, mask)                 \
+                                               : V_LOAD(B + k * ldb + DL * j);                       \
+            D_UNROLL for (int r = 0; r < MR; ++r) {                                                  \
+                const vr av = V_SET1(a[r][k * sak]);                                                 \
+                D_UNROLL for (int j = 0; j < NV; ++j) acc[r][j] = V_FMA(av, b[j], acc[r][j]);        \
+            }                                                                                        \
+        }                                                                                            \
+        D_UNROLL for (int r = 0; r < MR; ++r) {                                                      \
+            const vr add = V_SET1(bv ? bv[r] : 0.0f);                                                \
+            D_UNROLL for (int j = 0; j < NV; ++j) {                                                  \
+                const vr v = bv ? V_ADD(acc[r][j], add) : acc[r][j];                                 \
+                if (MASKED && j == NV - 1) V_MSTORE(c[r] + DL * j, mask, v);                         \
+                else V_STORE(c[r] + DL * j, v);                                                      \
+            }                                                                                        \
+        }                                                                                            \
+    }
+#define LIST_TILES(MR)                                                                               \
+    LIST_TILE(MR, 2, 0, 0) LIST_TILE(MR, 1, 0, 0) LIST_TILE(MR, 1, 1, 0)                             \
+    LIST_TILE(MR, 2, 0, 1) LIST_TILE(MR, 1, 0, 1) LIST_TILE(MR, 1, 1, 1)
+LIST_TILES(6) LIST_TILES(5) LIST_TILES(4) LIST_TILES(3) LIST_TILES(2) LIST_TILES(1)
+
+#define LIST_CASE(MR, NV, MASKED, LISTED)                                                            \
+    case MR: list_tile_##MR##_##NV##_##MASKED##_##LISTED(a, sak, terms, B, ldb, c, bv, K, mask, first); break;
+#define LIST_SWITCH(NV, MASKED, LISTED)                                                              \
+    switch (mr) {                                                                                    \
+        LIST_CASE(6, NV, MASKED, LISTED) LIST_CASE(5, NV, MASKED, LISTED)                            \
+        LIST_CASE(4, NV, MASKED, LISTED) LIST_CASE(3, NV, MASKED, LISTED)                            \
+        LIST_CASE(2, NV, MASKED, LISTED) LIST_CASE(1, NV, MASKED, LISTED)                            \
+        default: break;                                                                              \
+    }
+
+/* One tile of mr rows on nj columns (2 DL, DL, or fewer: masked) of B and C. */
+static void list_tile(int mr, int64_t nj, const float *const *a, int64_t sak, const int32_t *terms,
+                      const float *B, int64_t ldb, float *const *c, const float *bv, int64_t K, int first) {
+    if (nj == 2 * DL) {
+        const vmask mask = tail_mask(DL);
+        if (terms) { LIST_SWITCH(2, 0, 1) } else { LIST_SWITCH(2, 0, 0) }
+    } else if (nj == DL) {
+        const vmask mask = tail_mask(DL);
+        if (terms) { LIST_SWITCH(1, 0, 1) } else { LIST_SWITCH(1, 0, 0) }
+    } else {
+        const vmask mask = tail_mask(nj);
+        if (terms) { LIST_SWITCH(1, 1, 1) } else { LIST_SWITCH(1, 1, 0) }
+    }
+}
+
+static inline int64_t panel_width(int64_t left) { return left >= 2 * DL ? 2 * DL : left >= DL ? DL : left; }
+
 int vp_dense_fast(void) { return DL; }
 #else
 static void dense_one(const float *A, int64_t sam, int64_t sak, const float *B, int64_t ldb, int bt, float *panel,
@@ -164,6 +228,23 @@ static void dense_one(const float *A, int64_t sam, int64_t sak, const float *B, 
             C[m * ldc + j] = bias ? acc + bias[m] : acc;
         }
 }
+
+/* Without the fast path: one tile as plain chains (the same values). */
+static void list_tile(int mr, int64_t nj, const float *const *a, int64_t sak, const int32_t *terms,
+                      const float *B, int64_t ldb, float *const *c, const float *bv, int64_t K, int first) {
+    for (int r = 0; r < mr; ++r)
+        for (int64_t j = 0; j < nj; ++j) {
+            float acc = first ? 0.0f : c[r][j];
+            for (int64_t i = 0; i < K; ++i) {
+                const int64_t k = terms ? terms[i] : i;
+                acc = __builtin_fmaf(a[r][k * sak], B[k * ldb + j], acc);
+            }
+            c[r][j] = bv ? acc + bv[r] : acc;
+        }
+}
+
+#define DL 8 /* the fast path's narrowest panel, also here for the same tiles */
+static inline int64_t panel_width(int64_t left) { return left >= 2 * DL ? 2 * DL : left; }
 
 int vp_dense_fast(void) { return 0; }
 #endif
@@ -180,4 +261,54 @@ void vp_dense(const float *A, int64_t sap, int64_t sam, int64_t sak, const float
     for (int64_t p = p0; p < p1; ++p)
         dense_one(A + p * sap, sam, sak, B + p * sbp, ldb, (int)bt, panel, C + p * scp, ldc,
                   bias ? bias + p * sbias : 0, M, N, K);
+}
+
+/* Ints per tile of vp_dense_tiles: patient, rows, full (1: every term), then 6 row indices. */
+#define TILE_INTS 9
+
+/* vp_dense for tiles of rows listed in tiles[t * TILE_INTS ...] (t = t0 .. t1 - 1; any rows of any
+   patient, each row of C in at most one tile), each over the terms k listed for it
+   (lidx[lptr[t] .. lptr[t + 1]), ascending) or, for a full tile, every term. Each output is the
+   chain over its tile's terms, which is vp_dense's chain when the A entries left out are 0. B's
+   rows ldb apart and contiguous. Terms come in blocks of KC when A is read through a transpose.
+   Strides and the rest as vp_dense. */
+void vp_dense_tiles(const float *A, int64_t sap, int64_t sam, int64_t sak, const float *B, int64_t sbp,
+                    int64_t ldb, float *C, int64_t scp, int64_t ldc, const float *bias, int64_t sbias,
+                    const int32_t *tiles, const int64_t *lptr, const int32_t *lidx, int64_t t0, int64_t t1,
+                    int64_t N, int64_t K) {
+    const float *a[6];
+    float *c[6];
+    float bv[6];
+    const int64_t block = sak == 1 ? K : KC;
+    for (int64_t k0 = 0; k0 < K; k0 += block) {
+        const int64_t kc = K - k0 < block ? K - k0 : block;
+        const int first = k0 == 0, last = k0 + kc == K;
+        for (int64_t t = t0; t < t1; ++t) {
+            const int32_t *tile = tiles + t * TILE_INTS;
+            const int mr = tile[1];
+            const int64_t p = tile[0];
+            const int32_t *terms = 0;
+            int64_t n_terms = kc;
+            if (!tile[2]) {  /* the listed terms inside this block */
+                const int32_t *lo = lidx + lptr[t], *hi = lidx + lptr[t + 1];
+                while (lo < hi && *lo < k0) ++lo;
+                const int32_t *end = lo;
+                while (end < hi && *end < k0 + kc) ++end;
+                terms = lo;
+                n_terms = end - lo;
+            }
+            for (int r = 0; r < mr; ++r) {
+                const int64_t row = tile[3 + r];
+                a[r] = A + p * sap + row * sam + (terms ? 0 : k0 * sak);
+                if (bias && last) bv[r] = bias[p * sbias + row];
+            }
+            const float *Bp = B + p * sbp + (terms ? 0 : k0 * ldb);
+            for (int64_t j = 0; j < N;) {
+                const int64_t nj = panel_width(N - j);
+                for (int r = 0; r < mr; ++r) c[r] = C + p * scp + tile[3 + r] * ldc + j;
+                list_tile(mr, nj, a, sak, terms, Bp + j, ldb, c, bias && last ? bv : 0, n_terms, first);
+                j += nj;
+            }
+        }
+    }
 }
