@@ -154,3 +154,25 @@ def test_a_layer_with_a_nonzero_masked_weight_gets_no_tiles():
     assert batched._Layer(params.weights[1], ones, "off", params.biases[1]).tiles() is None
     with engine_options(skip_zeros=False):
         assert batched._Layer(params.weights[1], params.masks[1], "off", params.biases[1]).tiles() is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", [600, 4000])
+def test_wide_forward_takes_tiles_and_equals_onednn(n):
+    """An evaluation's forward product (more samples than a training batch) runs the tiles in
+    blocks of columns, the last one partial: the same bits as oneDNN's product plus the bias,
+    which computes it otherwise (and ``dense_products`` then hands the layer to the tiles)."""
+    if not ops.dense_matches_onednn():
+        pytest.skip("vp_dense is not used here (no fast kernel, or oneDNN sums in another order)")
+    mask = _rowwise_mask(2, 512, 512, seed=n)
+    gen = torch.Generator().manual_seed(9)
+    w, b = torch.randn(2, 512, 512, generator=gen) * mask, torch.randn(2, 512, generator=gen)
+    x = torch.randn(2, 512, n, generator=gen)
+    plan = TilePlan(mask)
+    with engine_options(native_dense=True):
+        assert ops.dense_products(w, x, tiles=lambda: plan) is None
+        mine = ops.dense_forward(w, b, x, tiles=lambda: plan)
+    with engine_options(native_dense=False):
+        theirs = ops.dense_products(w, x, tiles=lambda: plan)
+    for p in range(2):
+        assert torch.equal(mine[p], theirs[p] + b[p].unsqueeze(1))

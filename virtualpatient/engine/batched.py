@@ -237,7 +237,7 @@ class _Layer:
     def products(self, h: torch.Tensor) -> list[torch.Tensor] | None:
         """``W h`` per patient, without the bias, for a dense layer on oneDNN (else ``None``: use
         :meth:`forward`); the hidden layer's first pass adds the bias as it reads them."""
-        return None if self.compressed else ops.dense_products(self.weight, h, onednn=self.onednn)
+        return None if self.compressed else ops.dense_products(self.weight, h, onednn=self.onednn, tiles=self.tiles)
 
     def backward(self, gz: torch.Tensor, h: torch.Tensor, need_input: bool, out: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, torch.Tensor | None]:

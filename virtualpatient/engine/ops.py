@@ -273,11 +273,12 @@ def dense_matches_onednn() -> bool:
     return ok
 
 
-def _native_dense(weight: torch.Tensor, xt: torch.Tensor, *grads: torch.Tensor) -> bool:
+def _native_dense(weight: torch.Tensor, xt: torch.Tensor, *grads: torch.Tensor, wide: bool = False) -> bool:
     """Whether the products of a dense layer ``weight`` ``[P, out, in]`` with ``xt`` ``[P, in, n]``
     (and, given ``grads``, its backward products) go through ``vp_dense`` (see
     :attr:`~virtualpatient.engine.settings.EngineConfig.native_dense`): where each of their sums
-    (over ``in``; backward also over ``out`` and ``n``) is one chain in oneDNN."""
+    (over ``in``; backward also over ``out`` and ``n``) is one chain in oneDNN. ``wide``: any
+    number of samples (a tiled forward product, computed in blocks of columns)."""
     wanted = settings.ENGINE.native_dense
     if wanted is None:  # where it was measured faster: 8-float vectors, one thread (docs/performance.md)
         wanted = torch.get_num_threads() == 1 and native.kernels_available() and native.dense_vector_width() == 8
@@ -285,7 +286,7 @@ def _native_dense(weight: torch.Tensor, xt: torch.Tensor, *grads: torch.Tensor) 
         return False
     n_out, n_in, n = *weight.shape[1:], xt.shape[2]
     longest = max(n_in, n_out, n) if grads else n_in
-    return (min(n_out, n_in, n) >= _CHAIN_MIN_N and longest <= _CHAIN_MAX_K and n <= _NATIVE_MAX_N
+    return (min(n_out, n_in, n) >= _CHAIN_MIN_N and longest <= _CHAIN_MAX_K and (wide or n <= _NATIVE_MAX_N)
             and _use_onednn(weight, xt, *grads) and native.usable(weight, xt, *grads) and dense_matches_onednn())
 
 
@@ -300,13 +301,16 @@ def dense_forward(weight: torch.Tensor, bias: torch.Tensor, xt: torch.Tensor,
     asked for only where ``vp_dense`` computes the product: its tiles then skip the zero weights.
     """
     weight, bias = weight.detach(), bias.detach()
-    if onednn and _native_dense(weight, xt):
+    plan = _forward_tiles(weight, xt, tiles) if onednn else None
+    if plan is not None or (onednn and _native_dense(weight, xt)):
         if out is None:
             out = torch.empty(weight.shape[0], weight.shape[1], xt.shape[2], dtype=xt.dtype, device=xt.device)
-        plan = tiles() if tiles is not None else None
-        if plan is not None:
-            return native.dense_tiles(weight, xt.contiguous(), out, plan.rows, bias.contiguous())
-        return native.dense(weight, xt.contiguous(), out, bias.contiguous())
+        xt, bias = xt.contiguous(), bias.contiguous()
+        if plan is None:
+            return native.dense(weight, xt, out, bias)
+        for c in range(0, xt.shape[2], _TILE_COLUMNS):  # B's block of rows stays in cache for every tile
+            native.dense_tiles(weight, xt[:, :, c:c + _TILE_COLUMNS], out[:, :, c:c + _TILE_COLUMNS], plan.rows, bias)
+        return out
     parts = dense_products(weight, xt, onednn)
     if parts is None:
         return torch.baddbmm(bias.unsqueeze(2), weight, xt, out=out) if out is not None else \
@@ -315,13 +319,26 @@ def dense_forward(weight: torch.Tensor, bias: torch.Tensor, xt: torch.Tensor,
     return z.add_(bias.unsqueeze(2))
 
 
-def dense_products(weight: torch.Tensor, xt: torch.Tensor, onednn: bool = True) -> list[torch.Tensor] | None:
+def _forward_tiles(weight: torch.Tensor, xt: torch.Tensor, tiles: Callable[[], TilePlan | None] | None
+                   ) -> TilePlan | None:
+    """The tiles for :func:`dense_forward`'s product, if ``vp_dense_tiles`` computes it: for any
+    number of samples, as the tiles' products beat oneDNN's on evaluations too (docs/performance.md)."""
+    return tiles() if tiles is not None and _native_dense(weight, xt, wide=True) else None
+
+
+#: Samples per ``vp_dense_tiles`` call in a wide (evaluation) forward product.
+_TILE_COLUMNS = 128
+
+
+def dense_products(weight: torch.Tensor, xt: torch.Tensor, onednn: bool = True,
+                   tiles: Callable[[], TilePlan | None] | None = None) -> list[torch.Tensor] | None:
     """``W xt`` per patient as oneDNN computes it for :func:`dense_forward` (a list of ``[out, n]``),
     or ``None`` where it would not use oneDNN or uses ``vp_dense`` instead. The fused hidden-layer
     pass reads these products directly (:func:`post_activation`'s ``source``), adding the bias as
     :func:`dense_forward` does."""
     weight = weight.detach()
-    if not (onednn and _use_onednn(weight, xt)) or _native_dense(weight, xt):
+    if (not (onednn and _use_onednn(weight, xt)) or _native_dense(weight, xt)
+            or _forward_tiles(weight, xt, tiles) is not None):
         return None  # the native products write into the layer's buffer, bias added: dense_forward
     return [_mm(w, x.t()) for w, x in zip(weight, xt)]  # [out, in] @ [in, n]
 

@@ -40,6 +40,11 @@ TILE_ROWS = 6
 FULL_SHARE = 0.9
 
 
+def _count(keep: torch.Tensor) -> torch.Tensor:
+    """Trues along the last axis, exact as float32 (below 2**24); bool sums are 5x slower in torch."""
+    return keep.sum(-1, dtype=torch.float32)
+
+
 class Tiles:
     """Tiles of rows of one side of a ``[P, rows, terms]`` keep-pattern, each with its own list.
 
@@ -63,35 +68,29 @@ class Tiles:
         if order not in ("densest", "index"):
             raise ValueError(f"order must be 'densest' or 'index', got {order!r}")
         n_patients, n_rows, n_terms = keep.shape
-        tables, lists, full, counts = [], [], [], []
-        work = 0
-        for p in range(n_patients):
-            kept = keep[p]
-            rows = torch.arange(n_rows)
-            if order == "densest":  # similar rows share a tile; ties keep the rows' order
-                rows = torch.sort(kept.sum(1), descending=True, stable=True).indices
-            pad = -n_rows % TILE_ROWS
-            grouped = torch.cat([rows, rows.new_full((pad,), -1)]).view(-1, TILE_ROWS)
-            union = torch.cat([kept, kept.new_zeros(1, n_terms)])[grouped].any(1)  # row -1: the zero row
-            n_kept = union.sum(1)
-            is_full = n_kept >= FULL_SHARE * n_terms
-            table = torch.zeros(grouped.shape[0], 3 + TILE_ROWS, dtype=torch.int32)
-            table[:, 0] = p
-            table[:, 1] = (grouped >= 0).sum(1)
-            table[:, 2] = is_full
-            table[:, 3:] = grouped.clamp(min=0)
-            tables.append(table)
-            listed = union & ~is_full.unsqueeze(1)
-            lists.append(listed.nonzero()[:, 1].to(torch.int32))
-            counts.append(listed.sum(1))
-            full.append(is_full)
-            work += int((torch.where(is_full, n_terms, n_kept) * table[:, 1]).sum())
-        self.table = torch.cat(tables).contiguous()
-        self.full = torch.cat(full)
-        self.idx = torch.cat(lists).contiguous()
+        rows = torch.arange(n_rows).expand(n_patients, n_rows)
+        if order == "densest":  # similar rows share a tile; ties keep the rows' order
+            rows = torch.sort(_count(keep), dim=1, descending=True, stable=True).indices
+        pad = -n_rows % TILE_ROWS
+        grouped = torch.cat([rows, rows.new_full((n_patients, pad), n_rows)], 1).view(n_patients, -1, TILE_ROWS)
+        padded = torch.cat([keep, keep.new_zeros(n_patients, 1, n_terms)], 1)  # row n_rows: the zero row
+        union = padded[torch.arange(n_patients).view(-1, 1, 1), grouped].any(2)  # [P, tiles, terms]
+        n_kept = _count(union)
+        full = n_kept >= FULL_SHARE * n_terms
+        real = grouped < n_rows
+        table = torch.zeros(*grouped.shape[:2], 3 + TILE_ROWS, dtype=torch.int32)
+        table[..., 0] = torch.arange(n_patients, dtype=torch.int32).view(-1, 1)
+        table[..., 1] = real.sum(2)
+        table[..., 2] = full
+        table[..., 3:] = grouped.masked_fill(~real, 0)
+        listed = union & ~full.unsqueeze(2)
+        self.table = table.view(-1, 3 + TILE_ROWS).contiguous()
+        self.full = full.flatten()
+        self.idx = listed.nonzero()[:, 2].to(torch.int32).contiguous()  # tile by tile, ascending within each
         self.ptr = torch.zeros(len(self.full) + 1, dtype=torch.int64)
-        torch.cumsum(torch.cat(counts), 0, out=self.ptr[1:])
-        self.kept = work / max(1, n_patients * n_rows * n_terms)
+        torch.cumsum(_count(listed).flatten().long(), 0, out=self.ptr[1:])
+        work = torch.where(full, n_terms, n_kept) * table[..., 1]
+        self.kept = float(work.sum()) / max(1, n_patients * n_rows * n_terms)
 
     @property
     def n_tiles(self) -> int:
