@@ -16,7 +16,7 @@ import torch
 
 from virtualpatient.engine import batched, native, ops
 from virtualpatient.engine.settings import engine_options
-from virtualpatient.engine.tiles import FULL_SHARE, TILE_ROWS, TilePlan, Tiles
+from virtualpatient.engine.tiles import FULL_SHARE, PAIR_SHARE, TILE_ROWS, GradientPairs, TilePlan, Tiles
 
 libraries = isa.libraries
 target = isa.target
@@ -61,6 +61,34 @@ def test_plan_covers_every_row_once_with_the_union_of_its_rows():
     assert 0.5 < plan.kept < 0.8
 
 
+def test_gradient_pairs_cover_every_kept_entry():
+    """Every kept entry of the mask lies in a full tile's row or in a pair (row, group of columns);
+    pair rows keep an entry in fewer than ``PAIR_SHARE`` of their groups; each pair's group keeps
+    an entry; pairs are listed by patient and panel of two groups."""
+    mask = _rowwise_mask(2, 47, 37, seed=3)
+    keep = mask != 0
+    group = 8
+    pairs = GradientPairs(keep, group)
+    covered = torch.zeros_like(keep)
+    for t in range(pairs.table.shape[0]):
+        p, n_rows, full = pairs.table[t, :3].tolist()
+        assert full == 1 and 1 <= n_rows <= TILE_ROWS
+        covered[p, pairs.table[t, 3:3 + n_rows].long()] = True
+    full_rows = covered.any(2)
+    n_groups = -(-37 // group)
+    for p in range(2):
+        for q in range(pairs.n_panels):
+            first, last = pairs.ptr[p * pairs.n_panels + q], pairs.ptr[p * pairs.n_panels + q + 1]
+            for row, sub in pairs.pairs[first:last].tolist():
+                cols = slice((2 * q + sub) * group, (2 * q + sub + 1) * group)
+                assert not full_rows[p, row] and bool(keep[p, row, cols].any())
+                covered[p, row, cols] = True
+    assert bool(covered[keep].all())
+    groups = torch.nn.functional.pad(keep, (0, n_groups * group - 37)).view(2, 47, n_groups, group).any(3)
+    assert bool((groups.float().mean(2)[~full_rows] < PAIR_SHARE).all())
+    assert pairs.kept < 0.8
+
+
 def test_plan_rejects_bad_input():
     """Masks that are not ``[P, out, in]`` and keep patterns that are not bool are refused with a message."""
     with pytest.raises(ValueError, match=r"\[P, out, in\]"):
@@ -90,6 +118,25 @@ def test_tiles_equal_vp_dense(target, shape):
     assert torch.equal(z, native.dense(w, x, torch.empty(3, n_out, n), b))
     assert torch.equal(gx, native.dense(w.transpose(1, 2), g, torch.empty(3, n_in, n)))
     assert plan.kept < 0.85
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(458, 276, 128), (167, 458, 96), (37, 45, 19), (30, 17, 33), (20, 9, 5)])
+def test_weight_gradient_by_pairs_equals_vp_dense(target, shape):
+    """``vp_dense_wgrad``: at every kept entry the bits of ``vp_dense``'s weight gradient, on every
+    build and panel width (full, one vector, a partial one); elsewhere those bits or the buffer's 0."""
+    n_out, n_in, n = shape
+    mask = _rowwise_mask(3, n_out, n_in, seed=n_out + n)
+    gen = torch.Generator().manual_seed(12)
+    g, x = torch.randn(3, n_out, n, generator=gen), torch.randn(3, n_in, n, generator=gen)
+    pairs = TilePlan(mask).pairs(native.dense_group_width())
+    mine = native.dense_wgrad(g, x.transpose(1, 2), torch.zeros(3, n_out, n_in), pairs)
+    theirs = native.dense(g, x.transpose(1, 2), torch.empty(3, n_out, n_in))
+    keep = mask != 0
+    assert torch.equal(mine[keep], theirs[keep])
+    assert bool(((mine == theirs) | (mine == 0))[~keep].all())
+    with pytest.raises(ValueError, match="groups of 3"):
+        native.dense_wgrad(g, x.transpose(1, 2), torch.zeros(3, n_out, n_in), TilePlan(mask).pairs(3))
 
 
 @needs_kernels

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from virtualpatient.engine.tiles import Tiles
+from virtualpatient.engine.tiles import GradientPairs, Tiles
 from virtualpatient.errors import UsageError
 from virtualpatient.limits import cache_dir, cpu_signature
 
@@ -181,6 +181,8 @@ def _compile(march: str = "native") -> ctypes.CDLL | None:
     lib.vp_dense.restype = None
     lib.vp_dense_tiles.argtypes = [p, i, i, i, p, i, i, p, i, i, p, i, p, p, p, i, i, i, i]
     lib.vp_dense_tiles.restype = None
+    lib.vp_dense_wgrad.argtypes = [p, i, i, p, i, i, p, p, i, i, p, i, p, p, i, i, i, i]
+    lib.vp_dense_wgrad.restype = None
     lib.vp_dense_fast.argtypes = []
     lib.vp_dense_fast.restype = ctypes.c_int
     lib.vp_march = march
@@ -445,6 +447,36 @@ def dense_tiles(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, tiles: Tile
 
     _run_parts(_split_blocks(tiles.n_tiles, n_patients * m * n * k), run)
     return out
+
+
+def dense_wgrad(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, pairs: GradientPairs) -> torch.Tensor:
+    """The weight gradient ``out[p] = a[p] @ b[p]`` through ``vp_dense_wgrad`` (``b`` the transpose
+    of a tensor with contiguous rows, ``a``'s and ``out``'s rows contiguous): the full tiles of
+    ``pairs`` on every column, the other rows on their pairs only, each output ``vp_dense``'s chain.
+    ``pairs`` must be made for groups of :func:`dense_group_width` columns."""
+    n_patients, m, k = a.shape
+    n = b.shape[2]
+    if b.stride(1) != 1 or a.stride(2) != 1 or out.stride(2) != 1:
+        raise ValueError("vp_dense_wgrad needs rows of a, of b's transpose and of out contiguous")
+    if pairs.group != dense_group_width() or pairs.n_panels != -(-n // (2 * pairs.group)):
+        raise ValueError(f"pairs were made for groups of {pairs.group} of {pairs.n_panels * 2 * pairs.group} columns, "
+                         f"not this library's group width {dense_group_width()} and {n} columns")
+    lib = _native_lib()
+
+    def run(p0: int, p1: int) -> None:
+        panel = torch.empty(_DENSE_PANEL_WIDTH * k)
+        lib.vp_dense_wgrad(_ptr(a), a.stride(0), a.stride(1), _ptr(b), b.stride(0), b.stride(2), _ptr(panel),
+                           _ptr(out), out.stride(0), out.stride(1), _ptr(pairs.table), pairs.table.shape[0],
+                           _ptr(pairs.ptr), _ptr(pairs.pairs), p0, p1, n, k)
+
+    _run_parts(_split_blocks(n_patients, n_patients * m * n * k), run)
+    return out
+
+
+def dense_group_width() -> int:
+    """Columns per group of ``vp_dense_wgrad``'s pairs: the fast path's vector width (8 where it
+    has none: the scalar loop's panels)."""
+    return dense_vector_width() or 8
 
 
 def dense_vector_width() -> int:

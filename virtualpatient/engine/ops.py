@@ -352,7 +352,10 @@ def dense_backward(weight: torch.Tensor, gz: torch.Tensor, xt: torch.Tensor, nee
     With ``stacked=False`` the oneDNN path gives ``d W`` as the list of per-patient products it
     computes (what :class:`~virtualpatient.engine.adam.BatchedAdam` takes as it is), saving a
     copy of every weight gradient per step; the values are the same. ``tiles`` as in
-    :func:`dense_forward`, for ``d xt``."""
+    :func:`dense_forward`, for ``d xt`` and ``d W``; ``d W`` is then exact at the layer's unmasked
+    weights only (it is written into the plan's own buffer, each call over the last), so the
+    caller must re-mask the weights after using it, as :func:`~virtualpatient.engine.batched.train`
+    does after every optimiser step."""
     weight = weight.detach()
     gz, xt = gz.contiguous(), xt.contiguous()
     gbias = gz.sum(2)
@@ -365,12 +368,16 @@ def dense_backward(weight: torch.Tensor, gz: torch.Tensor, xt: torch.Tensor, nee
         return gw, gbias, gx
     n = gz.shape[2]
     if onednn and _native_dense(weight, xt, gz):  # the same sums as oneDNN's below
-        gw = native.dense(gz, xt.transpose(1, 2), torch.empty_like(weight))  # [out, n] @ [n, in], packed
+        plan = tiles() if tiles is not None else None
+        if plan is None:
+            gw = native.dense(gz, xt.transpose(1, 2), torch.empty_like(weight))  # [out, n] @ [n, in], packed
+        else:  # the entries of masked weights only where a row or pair computes them anyway
+            gw = native.dense_wgrad(gz, xt.transpose(1, 2), plan.gradient_buffer(weight),
+                                    plan.pairs(native.dense_group_width()))
         if not stacked:  # per patient, as below: Adam's scalar tail then falls where it did
             gw = list(gw.unbind(0))
         gx = None
         if need_input:  # W^T gz: the weight read in place through its transpose's strides
-            plan = tiles() if tiles is not None else None
             gx = out if out is not None else torch.empty_like(xt)
             gx = native.dense(weight.transpose(1, 2), gz, gx) if plan is None else \
                 native.dense_tiles(weight.transpose(1, 2), gz, gx, plan.cols)

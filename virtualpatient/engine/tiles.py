@@ -31,13 +31,17 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TILE_ROWS", "TilePlan", "Tiles"]
+__all__ = ["TILE_ROWS", "GradientPairs", "TilePlan", "Tiles"]
 
 #: Rows per tile: ``vp_dense``'s register tile height (kernels/dense.c).
 TILE_ROWS = 6
 
 #: A tile whose list holds at least this share of the terms runs the plain loop over all of them.
 FULL_SHARE = 0.9
+
+#: In the weight gradient, a row keeping an entry in fewer than this share of its groups of
+#: columns is computed by pairs (row, group); the others in full tiles.
+PAIR_SHARE = 0.5
 
 
 def _count(keep: torch.Tensor) -> torch.Tensor:
@@ -97,6 +101,57 @@ class Tiles:
         return self.table.shape[0]
 
 
+class GradientPairs:
+    """How ``vp_dense_wgrad`` covers a masked layer's weight gradient ``gz h^T`` ``[P, out, in]``.
+
+    The rows that keep an entry in at least :data:`PAIR_SHARE` of their groups of ``group``
+    columns go in full tiles of six (every column); each other row only on the pairs (row, group)
+    where it keeps an entry, computed six pairs at a time. Columns are taken in panels of two
+    groups, as the kernel packs them.
+
+    Attributes
+    ----------
+    group, n_panels
+        Columns per group; panels of two groups.
+    table
+        ``int32`` ``[n_tiles, 9]``: the full tiles, patient by patient (the layout of :class:`Tiles`).
+    ptr, pairs
+        Pairs by (patient, panel): those of panel ``q`` of patient ``p`` are the rows of ``pairs``
+        (``int32`` ``[n, 2]``: row, group 0 or 1 in the panel) from ``ptr[p * n_panels + q]`` to
+        ``ptr[p * n_panels + q + 1]``.
+    kept
+        Share of the dense gradient's products computed.
+    """
+
+    def __init__(self, keep: torch.Tensor, group: int) -> None:
+        if keep.ndim != 3 or keep.dtype != torch.bool or group < 1:
+            raise ValueError("keep must be a bool tensor [P, rows, columns] and group a positive width")
+        n_patients, n_rows, n_cols = keep.shape
+        n_groups = -(-n_cols // group)
+        self.group, self.n_panels = group, -(-n_groups // 2)
+        padded = torch.cat([keep, keep.new_zeros(n_patients, n_rows, n_groups * group - n_cols)], 2)
+        groups = padded.view(n_patients, n_rows, n_groups, group).any(3)
+        by_pairs = _count(groups) < PAIR_SHARE * n_groups
+        tables = []
+        for p in range(n_patients):
+            rows = (~by_pairs[p]).nonzero().flatten()
+            for t0 in range(0, len(rows), TILE_ROWS):
+                chunk = rows[t0:t0 + TILE_ROWS]
+                table = torch.zeros(3 + TILE_ROWS, dtype=torch.int32)
+                table[0], table[1], table[2] = p, len(chunk), 1
+                table[3:3 + len(chunk)] = chunk
+                tables.append(table)
+        self.table = torch.stack(tables) if tables else torch.zeros(0, 3 + TILE_ROWS, dtype=torch.int32)
+        found = (groups & by_pairs.unsqueeze(2)).nonzero()  # (patient, row, group), by patient and row
+        key = found[:, 0] * self.n_panels + found[:, 2] // 2
+        order = torch.sort(key, stable=True).indices
+        self.pairs = torch.stack([found[order, 1], found[order, 2] % 2], 1).to(torch.int32).contiguous()
+        self.ptr = torch.zeros(n_patients * self.n_panels + 1, dtype=torch.int64)
+        torch.cumsum(torch.bincount(key, minlength=n_patients * self.n_panels), 0, out=self.ptr[1:])
+        work = int(self.table[:, 1].sum()) * n_cols + len(self.pairs) * group
+        self.kept = work / max(1, n_patients * n_rows * n_cols)
+
+
 class TilePlan:
     """The tiles of a masked dense layer ``W`` ``[P, out, in]`` for its three products.
 
@@ -117,6 +172,22 @@ class TilePlan:
         self.shape = tuple(mask.shape)
         self.rows = Tiles(keep, "densest")
         self.cols = Tiles(keep.transpose(1, 2), "index")
+        self._keep = keep
+        self._pairs: dict[int, GradientPairs] = {}
+        self._gradient: torch.Tensor | None = None
+
+    def pairs(self, group: int) -> GradientPairs:
+        """The weight gradient's :class:`GradientPairs` for groups of ``group`` columns (made once)."""
+        if group not in self._pairs:
+            self._pairs[group] = GradientPairs(self._keep, group)
+        return self._pairs[group]
+
+    def gradient_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """A zeroed ``[P, out, in]`` tensor the weight gradient is written into, step after step:
+        the entries no pair covers stay 0 (masked weights: their gradient is never used)."""
+        if self._gradient is None or self._gradient.dtype != like.dtype or self._gradient.device != like.device:
+            self._gradient = torch.zeros(self.shape, dtype=like.dtype, device=like.device)
+        return self._gradient
 
     @property
     def kept(self) -> float:

@@ -215,6 +215,37 @@ static void list_tile(int mr, int64_t nj, const float *const *a, int64_t sak, co
 
 static inline int64_t panel_width(int64_t left) { return left >= 2 * DL ? 2 * DL : left >= DL ? DL : left; }
 
+/* Up to 6 pairs (row of A, group of DL columns of a packed panel of B, lb floats per term): one
+   chain per column over all K terms, 6 independent accumulators; group i's first width[i] columns
+   stored (all DL when width[i] = DL). */
+#define PAIR_TILE(NP)                                                                                \
+    static inline void pair_tile_##NP(const float *const *a, const float *const *b, int64_t lb,      \
+                                      float *const *c, const int64_t *width, int64_t K) {            \
+        vr acc[NP];                                                                                  \
+        D_UNROLL for (int i = 0; i < NP; ++i) acc[i] = V_ZERO();                                     \
+        for (int64_t k = 0; k < K; ++k)                                                              \
+            D_UNROLL for (int i = 0; i < NP; ++i)                                                    \
+                acc[i] = V_FMA(V_SET1(a[i][k]), V_LOAD(b[i] + k * lb), acc[i]);                      \
+        D_UNROLL for (int i = 0; i < NP; ++i) {                                                      \
+            if (width[i] == DL) V_STORE(c[i], acc[i]);                                               \
+            else V_MSTORE(c[i], tail_mask(width[i]), acc[i]);                                        \
+        }                                                                                            \
+    }
+PAIR_TILE(6) PAIR_TILE(5) PAIR_TILE(4) PAIR_TILE(3) PAIR_TILE(2) PAIR_TILE(1)
+
+static void pair_tile(int np, const float *const *a, const float *const *b, int64_t lb, float *const *c,
+                      const int64_t *width, int64_t K) {
+    switch (np) {
+        case 6: pair_tile_6(a, b, lb, c, width, K); break;
+        case 5: pair_tile_5(a, b, lb, c, width, K); break;
+        case 4: pair_tile_4(a, b, lb, c, width, K); break;
+        case 3: pair_tile_3(a, b, lb, c, width, K); break;
+        case 2: pair_tile_2(a, b, lb, c, width, K); break;
+        case 1: pair_tile_1(a, b, lb, c, width, K); break;
+        default: break;
+    }
+}
+
 int vp_dense_fast(void) { return DL; }
 #else
 static void dense_one(const float *A, int64_t sam, int64_t sak, const float *B, int64_t ldb, int bt, float *panel,
@@ -245,6 +276,16 @@ static void list_tile(int mr, int64_t nj, const float *const *a, int64_t sak, co
 
 #define DL 8 /* the fast path's narrowest panel, also here for the same tiles */
 static inline int64_t panel_width(int64_t left) { return left >= 2 * DL ? 2 * DL : left; }
+
+static void pair_tile(int np, const float *const *a, const float *const *b, int64_t lb, float *const *c,
+                      const int64_t *width, int64_t K) {
+    for (int i = 0; i < np; ++i)
+        for (int64_t j = 0; j < width[i]; ++j) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < K; ++k) acc = __builtin_fmaf(a[i][k], b[i][k * lb + j], acc);
+            c[i][j] = acc;
+        }
+}
 
 int vp_dense_fast(void) { return 0; }
 #endif
@@ -310,5 +351,60 @@ void vp_dense_tiles(const float *A, int64_t sap, int64_t sam, int64_t sak, const
                 j += nj;
             }
         }
+    }
+}
+
+/* The weight gradient C_p = A_p B_p of a masked layer for patients p0 .. p1 - 1, B_p given as its
+   transpose (rows of K, ldb apart; A_p's rows sam apart, contiguous): the rows of the full tiles
+   in tiles[0 .. n_tiles) (TILE_INTS each, patient by patient) on every column; other rows only on
+   their pairs (row, group): for panel q (columns q 2 DL .. q 2 DL + 2 DL - 1) of patient p, pairs
+   pairs[2 i], pairs[2 i + 1] for i in pptr[p n_panels + q] .. pptr[p n_panels + q + 1), the group
+   0 or 1 of DL columns in the panel. Every output computed is vp_dense's chain; the columns of a
+   pair row outside its pairs are not written. panel: 2 DL x K floats of scratch. */
+void vp_dense_wgrad(const float *A, int64_t sap, int64_t sam, const float *B, int64_t sbp, int64_t ldb,
+                    float *panel, float *C, int64_t scp, int64_t ldc, const int32_t *tiles, int64_t n_tiles,
+                    const int64_t *pptr, const int32_t *pairs, int64_t p0, int64_t p1, int64_t N, int64_t K) {
+    const int64_t n_panels = (N + 2 * DL - 1) / (2 * DL);
+    const float *a[6], *b[6];
+    float *c[6];
+    int64_t width[6];
+    int64_t t = 0;
+    while (t < n_tiles && tiles[t * TILE_INTS] < p0) ++t;
+    for (int64_t p = p0; p < p1; ++p) {
+        int64_t t_end = t;
+        while (t_end < n_tiles && tiles[t_end * TILE_INTS] == p) ++t_end;
+        const float *Ap = A + p * sap;
+        for (int64_t q = 0; q < n_panels; ++q) {
+            const int64_t j = q * 2 * DL, nj = N - j < 2 * DL ? N - j : 2 * DL;
+            pack_panel(B + p * sbp, ldb, j, nj, 2 * DL, K, panel);
+            for (int64_t u = t; u < t_end; ++u) {
+                const int32_t *tile = tiles + u * TILE_INTS;
+                const int mr = tile[1];
+                for (int64_t part = 0; part < nj; part += DL) {  /* one or two vectors' worth */
+                    const int64_t w = nj - part < DL ? nj - part : DL;
+                    const int64_t full2 = part == 0 && nj == 2 * DL;
+                    for (int r = 0; r < mr; ++r) {
+                        a[r] = Ap + tile[3 + r] * sam;
+                        c[r] = C + p * scp + tile[3 + r] * ldc + j + part;
+                    }
+                    list_tile(mr, full2 ? 2 * DL : w, a, 1, 0, panel + part, 2 * DL, c, 0, K, 1);
+                    if (full2) break;
+                }
+            }
+            const int64_t e0 = pptr[p * n_panels + q], e1 = pptr[p * n_panels + q + 1];
+            for (int64_t e = e0; e < e1; e += 6) {
+                const int np = e1 - e < 6 ? (int)(e1 - e) : 6;
+                for (int i = 0; i < np; ++i) {
+                    const int64_t row = pairs[2 * (e + i)], group = pairs[2 * (e + i) + 1];
+                    const int64_t w = nj - group * DL;
+                    a[i] = Ap + row * sam;
+                    b[i] = panel + group * DL;
+                    c[i] = C + p * scp + row * ldc + j + group * DL;
+                    width[i] = w < DL ? w : DL;
+                }
+                pair_tile(np, a, (const float *const *)b, 2 * DL, c, width, K);
+            }
+        }
+        t = t_end;
     }
 }
