@@ -381,7 +381,55 @@ def dense(p: int = 5, n: int = 128) -> None:
               f"vp_dense forward {f1:.2f} backward {b1:.2f}  ratio {(f0 + b0) / (f1 + b1):.2f}x  same bits {same}")
 
 
-LEVERS = {"flops": flops, "order": order, "dense": dense, "crossover": crossover, "step": step,
+def _rowwise_mask(p: int, n_out: int, n_in: int, gen: torch.Generator) -> torch.Tensor:
+    """A synthetic mask shaped like the ketamine-like arm's after regrowth (engine/tiles.py): 62 % of
+    rows keep 95 % of their inputs, 10 % keep half, 28 % keep 2 %."""
+    kind = torch.rand(p, n_out, 1, generator=gen)
+    share = torch.where(kind < 0.62, 0.95, torch.where(kind < 0.72, 0.5, 0.02))
+    return (torch.rand(p, n_out, n_in, generator=gen) < share).float()
+
+
+def _tile_calls(w, b, x, g, xw, plan) -> tuple:
+    """ms of a masked layer's forward, backward and wide forward calls through ``vp_dense`` with
+    ``plan``'s tiles (or none), and their results."""
+    get = None if plan is None else (lambda: plan)
+    z, gx, zw = torch.empty(w.shape[0], w.shape[1], x.shape[2]), torch.empty_like(x), torch.empty(
+        w.shape[0], w.shape[1], xw.shape[2])
+    with settings.engine_options(native_dense=True):
+        fwd = _cpu(lambda: ops.dense_forward(w, b, x, out=z, tiles=get)) * 1e3
+        bwd = _cpu(lambda: ops.dense_backward(w, g, x, True, out=gx, stacked=False, tiles=get)) * 1e3
+        wid = _cpu(lambda: ops.dense_forward(w, b, xw, out=zw, tiles=get), number=2) * 1e3
+        gw = torch.stack(list(ops.dense_backward(w, g, x, True, out=gx, stacked=False, tiles=get)[0]))
+    return fwd, bwd, wid, z, gx, zw, gw
+
+
+def tiles(p: int = 5, n: int = 128, wide: int = 4000) -> None:
+    """A masked dense layer's products with and without its zero-skipping tiles
+    (``EngineConfig.skip_zeros``), both through ``vp_dense``, on a synthetic ketamine-like mask:
+    training batches (forward, and backward with the weight gradient by pairs) and a wide
+    evaluation product, ms per call; the same bits at every kept weight."""
+    if not ops.dense_matches_onednn():
+        print("tiles         vp_dense does not give oneDNN's numbers here (or no AVX2 + FMA kernel): skipped")
+        return
+    from virtualpatient.engine.tiles import TilePlan
+
+    gen = torch.Generator().manual_seed(1)
+    for n_out, n_in in ((458, 276), (167, 458), (512, 512)):
+        mask = _rowwise_mask(p, n_out, n_in, gen)
+        w, b = torch.randn(p, n_out, n_in, generator=gen) * mask, torch.randn(p, n_out, generator=gen)
+        x, g = torch.randn(p, n_in, n, generator=gen), torch.randn(p, n_out, n, generator=gen)
+        xw = torch.randn(p, n_in, wide, generator=gen)
+        plan = TilePlan(mask)
+        out = {on: _tile_calls(w, b, x, g, xw, plan if on else None) for on in (False, True)}
+        same = all(torch.equal(a, c) for a, c in zip(out[False][3:6], out[True][3:6]))
+        same = same and torch.equal(out[False][6][mask != 0], out[True][6][mask != 0])
+        (f0, b0, w0), (f1, b1, w1) = out[False][:3], out[True][:3]
+        print(f"tiles         {n_out}x{n_in} P={p}, kept {plan.kept:.0%}, ms without / with tiles:  forward {f0:.2f} / "
+              f"{f1:.2f}  backward {b0:.2f} / {b1:.2f}  ({(f0 + b0) / (f1 + b1):.2f}x)  forward n={wide} {w0:.1f} / "
+              f"{w1:.1f} ({w0 / w1:.2f}x)  same bits {same}")
+
+
+LEVERS = {"flops": flops, "order": order, "dense": dense, "tiles": tiles, "crossover": crossover, "step": step,
           "live_units": live_units, "adam": adam,
           "scaling": scaling, "evaluation": evaluation, "threads": threads, "compile": compiled, "noise": noise}
 

@@ -48,11 +48,15 @@ class EngineConfig:
         it and 20.8-21.8 s with oneDNN's threading, so it stays off there; with AVX-512 kernels it
         stays off until it is measured there (docs/performance.md).
     skip_zeros
-        Where ``vp_dense`` computes a masked dense layer's forward product or input gradient, run
-        each tile of six outputs over the terms with a nonzero weight only
-        (:mod:`virtualpatient.engine.tiles`): the same numbers bit for bit, as a zero term adds
-        nothing to a chain of fused multiply-adds. The ketamine-like arm's layers keep their
-        regrown weights in nearly full rows, so this computes about 65-75 % of those products.
+        Where ``vp_dense`` computes a masked dense layer's products, skip the zero weights
+        (:mod:`virtualpatient.engine.tiles`): the forward product and the input gradient run each
+        tile of six outputs over the terms with a nonzero weight only (training batches and
+        evaluations alike), and the weight gradient computes a nearly empty row only where it keeps
+        weights. Every number the trial reports stays the same bit for bit (a zero term adds
+        nothing to a chain of fused multiply-adds, and masked weights are re-masked after each
+        step); the masked weights themselves stay 0 but may change sign (``+0`` where the dense
+        path leaves ``-0``). The ketamine-like arm keeps its regrown weights in nearly full rows,
+        so this computes about 65-80 % of those products (docs/performance.md).
     sparse_backend
         ``None`` (default: :func:`virtualpatient.engine.native.backend`), ``"native"``, ``"torch"`` or ``"off"``.
     reduce_units

@@ -3,19 +3,21 @@
 The ketamine-like arm trains its layers 52.5 % dense, too dense to store compressed. But its
 regrowth is guided by gradient magnitude (DESIGN.md, protocol fact 8), and a weight's gradient is
 a product of its output unit's error and its input unit's activation: the reinstated positions
-gather in rows. In the full study's maintenance runs the rows of the 512 -> 512 and 512 -> 256
-layers' live blocks are either almost full (94-98 % kept) or almost empty (1-3 %). Dense products
-spend half their work on such rows' zeros.
+gather in rows. In the full study's maintenance runs, 62 % of the rows of the 512 -> 512 layer's
+live block keep more than 90 % of their inputs and 27 % fewer than 10 % (512 -> 256: 44 % and
+40 %). Dense products multiply all those zeros all the same.
 
 A :class:`TilePlan` groups a layer's rows six at a time (the kernel's register tile), densest
 first, and lists for each tile the inputs any of its rows keeps; and groups its columns six at a
 time, listing the rows any of them keeps. ``vp_dense_tiles`` then runs each output's chain of
 fused multiply-adds over its tile's listed terms only, in the forward product ``W h`` (terms:
 inputs) and the input gradient ``W^T gz`` (terms: outputs). A term whose weight is 0 adds nothing
-to such a chain (``fma(0, b, c) = c`` for finite ``b``, and the chain never holds ``-0``), so
-every output keeps its value bit for bit. The weight gradient ``gz h^T`` stays dense: a tile of
-sparse rows still keeps some input in nearly every block of columns, and gathering them cost more
-than it saved (docs/performance.md).
+to such a chain: ``fma(0, b, c) = c`` for finite ``b`` and nonzero ``c``, and for ``c = +0`` too,
+so every output keeps its bits (only a chain that underflowed to ``-0`` could end as ``+0``
+instead, a sign no later step can see). The weight gradient ``gz h^T`` is needed at the kept
+entries only, as the layer is re-masked after every optimiser step: its nearly empty rows are
+computed on the groups of eight columns where they keep an entry (:class:`GradientPairs`,
+``vp_dense_wgrad``), the other rows in full.
 
 Example
 -------
