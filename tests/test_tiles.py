@@ -141,21 +141,26 @@ def test_weight_gradient_by_pairs_equals_vp_dense(target, shape):
 
 @needs_kernels
 def test_tiles_split_over_threads_give_the_same_products():
-    """With two torch threads the tiles are split over the pool: the same bits as one thread."""
+    """With two torch threads the tiles (and the weight gradient's patients) are split over the
+    pool: the same bits as one thread."""
     mask = _rowwise_mask(6, 200, 180, seed=4)
     gen = torch.Generator().manual_seed(8)
     w, x = torch.randn(6, 200, 180, generator=gen) * mask, torch.randn(6, 180, 128, generator=gen)
+    g = torch.randn(6, 200, 128, generator=gen)
     plan = TilePlan(mask)
+    pairs = plan.pairs(native.dense_group_width())
     threads = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        one = native.dense_tiles(w, x, torch.empty(6, 200, 128), plan.rows)
-        torch.set_num_threads(2)
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            results.append((native.dense_tiles(w, x, torch.empty(6, 200, 128), plan.rows),
+                            native.dense_wgrad(g, x.transpose(1, 2), torch.zeros(6, 200, 180), pairs)))
         assert len(native._split_blocks(plan.rows.n_tiles, 6 * 200 * 180 * 128)) == 2
-        two = native.dense_tiles(w, x, torch.empty(6, 200, 128), plan.rows)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, two)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
 
 
 def _rowwise_params(seed: int):
