@@ -25,8 +25,9 @@ pytestmark = pytest.mark.skipif(not (native.kernels_available() and ops.onednn_a
 libraries = isa.libraries
 target = isa.target
 
-#: (out, in, n): the paper's live blocks, odd sizes for every vector tail, the longest chain allowed.
-SHAPES = [(458, 276, 128), (167, 458, 96), (37, 45, 19), (5, 3, 2), (64, 1024, 33), (9, 17, 1024)]
+#: (out, in, n): the paper's live blocks, odd sizes for every vector tail, the longest chain allowed,
+#: an input gradient summed over more terms than one packed strip holds (700 > STRIP_TERMS = 512).
+SHAPES = [(458, 276, 128), (167, 458, 96), (37, 45, 19), (5, 3, 2), (64, 1024, 33), (9, 17, 1024), (700, 37, 19)]
 
 
 def _needs_chain_order():
@@ -46,7 +47,7 @@ def test_three_products_equal_onednn(shape):
     gw = native.dense(g, x.transpose(1, 2), torch.empty(2, n_out, n_in))  # x^T packed a panel at a time
     gx = native.dense(w.transpose(1, 2), g, torch.empty(2, n_in, n))
     assert torch.equal(gw, native.dense(g, x.transpose(1, 2).contiguous(), torch.empty(2, n_out, n_in)))
-    g_packed = g.transpose(1, 2).contiguous().transpose(1, 2)  # blocked sums (A read through W^T) and packed B
+    g_packed = g.transpose(1, 2).contiguous().transpose(1, 2)  # A read through W^T and B packed
     assert torch.equal(gx, native.dense(w.transpose(1, 2), g_packed, torch.empty(2, n_in, n)))
     for p in range(2):
         assert torch.equal(z[p], ops._mm(w[p], x[p].t()) + b[p].unsqueeze(1))

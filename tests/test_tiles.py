@@ -100,11 +100,13 @@ def test_plan_rejects_bad_input():
 
 
 @needs_kernels
-@pytest.mark.parametrize("shape", [(458, 276, 128), (167, 458, 96), (37, 45, 19), (13, 300, 7), (50, 7, 40)])
+@pytest.mark.parametrize("shape", [(458, 276, 128), (167, 458, 96), (37, 45, 19), (13, 300, 7), (50, 7, 40),
+                                   (600, 40, 17)])
 def test_tiles_equal_vp_dense(target, shape):
-    """Forward with bias and input gradient (terms in blocks of 128 when read through ``W^T``): the
-    same bits as ``vp_dense`` on every build, for vector tails of 8 and 16 floats; the rows of a
-    forward product are all written, the empty ones with the bias alone."""
+    """Forward with bias and input gradient (read through ``W^T``: each tile's terms packed into a
+    strip, 512 terms at a time, so 600 output rows take two): the same bits as ``vp_dense`` on
+    every build, for vector tails of 8 and 16 floats; the rows of a forward product are all
+    written, the empty ones with the bias alone."""
     n_out, n_in, n = shape
     mask = _rowwise_mask(3, n_out, n_in, seed=sum(shape))
     gen = torch.Generator().manual_seed(7)

@@ -20,11 +20,21 @@ static inline const float *pack_panel(const float *BT, int64_t ldbt, int64_t j, 
     return panel;
 }
 
-/* Terms per block of the sum when A is read through a transpose (the input gradient: one cache
-   line per term and row strip): the chains are stored in C between blocks (the same chains), so a
-   block's panel of B (KC x 2 DL floats) and strip of A stay in L1. With A's rows contiguous, one
-   block (measured faster on the Zen 3: the strip is K floats per row). */
-#define KC 128
+/* A read through a transpose (the input gradient, W^T gz) touches one cache line per term and
+   row strip, K strided lines per strip: a tile's rows of A are first copied, term by term, into a
+   contiguous strip (pack_strip), read from there for every panel of B and C. Its terms come in
+   blocks of at most STRIP_TERMS (the chains are stored in C between blocks: the same chains), so
+   the strip (STRIP_TERMS x 6 floats) lives on the stack. */
+#define STRIP_TERMS 512
+
+/* strip[i mr + r] = a[r][k_i sak], k_i = terms[i] (or k0 + i without terms), i < n. */
+static inline void pack_strip(int mr, const float *const *a, int64_t sak, const int32_t *terms, int64_t k0,
+                              int64_t n, float *strip) {
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t k = (terms ? terms[i] : k0 + i) * sak;
+        for (int r = 0; r < mr; ++r) strip[i * mr + r] = a[r][k];
+    }
+}
 
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -123,7 +133,7 @@ DENSE_TILES(1, 1)
 static void dense_one(const float *A0, int64_t sam, int64_t sak, const float *B0, int64_t ldb, int bt, float *panel,
                       float *C, int64_t ldc, const float *bias0, int64_t M, int64_t N, int64_t K) {
     const vmask none = tail_mask(DL);
-    const int64_t block = sak == 1 ? K : KC;
+    const int64_t block = sak == 1 ? K : STRIP_TERMS;
     for (int64_t k0 = 0; k0 < K; k0 += block) {
         const int64_t kc = K - k0 < block ? K - k0 : block;
         const int first = k0 == 0;
@@ -152,9 +162,11 @@ static void dense_one(const float *A0, int64_t sam, int64_t sak, const float *B0
 }
 
 /* Tiles given as lists (vp_dense_tiles): up to 6 rows anywhere in A and C (one pointer per row),
-   over the terms k listed in terms (LISTED) or k = 0 .. K - 1. A zero term adds nothing to a chain
-   of fused multiply-adds (fma(0, b, c) = c for finite b, and the chain never holds -0), so leaving
-   out terms whose A entries are all 0 keeps every chain's value. bv: the rows' bias values or 0. */
+   over the terms k listed in terms (LISTED 1 and 2) or k = 0 .. K - 1 (LISTED 0). A's value for
+   the i-th term k is a[r][k sak], or a[r][i sak] with LISTED 2 (a strip packed for the listed
+   terms). A zero term adds nothing to a chain of fused multiply-adds (fma(0, b, c) = c for
+   finite b, and the chain never holds -0), so leaving out terms whose A entries are all 0 keeps
+   every chain's value. bv: the rows' bias values or 0. */
 #define LIST_TILE(MR, NV, MASKED, LISTED)                                                            \
     static inline void list_tile_##MR##_##NV##_##MASKED##_##LISTED(                                  \
         const float *const *a, int64_t sak, const int32_t *terms, const float *B, int64_t ldb,       \
@@ -164,13 +176,13 @@ static void dense_one(const float *A0, int64_t sam, int64_t sak, const float *B0
             acc[r][j] = first ? V_ZERO() : (MASKED && j == NV - 1) ? V_MLOAD(c[r] + DL * j, mask)    \
                                                                    : V_LOAD(c[r] + DL * j);          \
         for (int64_t i = 0; i < K; ++i) {                                                            \
-            const int64_t k = LISTED ? terms[i] : i;                                                 \
+            const int64_t k = LISTED ? terms[i] : i, ka = LISTED == 2 ? i : k;                       \
             vr b[NV];                                                                                \
             D_UNROLL for (int j = 0; j < NV; ++j)                                                    \
                 b[j] = (MASKED && j == NV - 1) ? V_MLOAD(B + k * ldb + DL * j, mask)                 \
                                                : V_LOAD(B + k * ldb + DL * j);                       \
             D_UNROLL for (int r = 0; r < MR; ++r) {                                                  \
-                const vr av = V_SET1(a[r][k * sak]);                                                 \
+                const vr av = V_SET1(a[r][ka * sak]);                                                \
                 D_UNROLL for (int j = 0; j < NV; ++j) acc[r][j] = V_FMA(av, b[j], acc[r][j]);        \
             }                                                                                        \
         }                                                                                            \
@@ -185,7 +197,8 @@ static void dense_one(const float *A0, int64_t sam, int64_t sak, const float *B0
     }
 #define LIST_TILES(MR)                                                                               \
     LIST_TILE(MR, 2, 0, 0) LIST_TILE(MR, 1, 0, 0) LIST_TILE(MR, 1, 1, 0)                             \
-    LIST_TILE(MR, 2, 0, 1) LIST_TILE(MR, 1, 0, 1) LIST_TILE(MR, 1, 1, 1)
+    LIST_TILE(MR, 2, 0, 1) LIST_TILE(MR, 1, 0, 1) LIST_TILE(MR, 1, 1, 1)                             \
+    LIST_TILE(MR, 2, 0, 2) LIST_TILE(MR, 1, 0, 2) LIST_TILE(MR, 1, 1, 2)
 LIST_TILES(6) LIST_TILES(5) LIST_TILES(4) LIST_TILES(3) LIST_TILES(2) LIST_TILES(1)
 
 #define LIST_CASE(MR, NV, MASKED, LISTED)                                                            \
@@ -198,18 +211,19 @@ LIST_TILES(6) LIST_TILES(5) LIST_TILES(4) LIST_TILES(3) LIST_TILES(2) LIST_TILES
         default: break;                                                                              \
     }
 
-/* One tile of mr rows on nj columns (2 DL, DL, or fewer: masked) of B and C. */
-static void list_tile(int mr, int64_t nj, const float *const *a, int64_t sak, const int32_t *terms,
+/* One tile of mr rows on nj columns (2 DL, DL, or fewer: masked) of B and C; packed: A holds
+   strips for the listed terms. */
+static void list_tile(int mr, int64_t nj, const float *const *a, int64_t sak, const int32_t *terms, int packed,
                       const float *B, int64_t ldb, float *const *c, const float *bv, int64_t K, int first) {
     if (nj == 2 * DL) {
         const vmask mask = tail_mask(DL);
-        if (terms) { LIST_SWITCH(2, 0, 1) } else { LIST_SWITCH(2, 0, 0) }
+        if (!terms) { LIST_SWITCH(2, 0, 0) } else if (packed) { LIST_SWITCH(2, 0, 2) } else { LIST_SWITCH(2, 0, 1) }
     } else if (nj == DL) {
         const vmask mask = tail_mask(DL);
-        if (terms) { LIST_SWITCH(1, 0, 1) } else { LIST_SWITCH(1, 0, 0) }
+        if (!terms) { LIST_SWITCH(1, 0, 0) } else if (packed) { LIST_SWITCH(1, 0, 2) } else { LIST_SWITCH(1, 0, 1) }
     } else {
         const vmask mask = tail_mask(nj);
-        if (terms) { LIST_SWITCH(1, 1, 1) } else { LIST_SWITCH(1, 1, 0) }
+        if (!terms) { LIST_SWITCH(1, 1, 0) } else if (packed) { LIST_SWITCH(1, 1, 2) } else { LIST_SWITCH(1, 1, 1) }
     }
 }
 
@@ -260,15 +274,15 @@ static void dense_one(const float *A, int64_t sam, int64_t sak, const float *B, 
         }
 }
 
-/* Without the fast path: one tile as plain chains (the same values). */
-static void list_tile(int mr, int64_t nj, const float *const *a, int64_t sak, const int32_t *terms,
+/* Without the fast path: one tile as plain chains (the same values; A read as the fast path reads it). */
+static void list_tile(int mr, int64_t nj, const float *const *a, int64_t sak, const int32_t *terms, int packed,
                       const float *B, int64_t ldb, float *const *c, const float *bv, int64_t K, int first) {
     for (int r = 0; r < mr; ++r)
         for (int64_t j = 0; j < nj; ++j) {
             float acc = first ? 0.0f : c[r][j];
             for (int64_t i = 0; i < K; ++i) {
                 const int64_t k = terms ? terms[i] : i;
-                acc = __builtin_fmaf(a[r][k * sak], B[k * ldb + j], acc);
+                acc = __builtin_fmaf(a[r][(packed ? i : k) * sak], B[k * ldb + j], acc);
             }
             c[r][j] = bv ? acc + bv[r] : acc;
         }
@@ -290,6 +304,36 @@ static void pair_tile(int np, const float *const *a, const float *const *b, int6
 int vp_dense_fast(void) { return 0; }
 #endif
 
+/* A read through a transpose (sak != 1) with B's rows direct: row tile by row tile, each tile's
+   rows of A packed into a strip once per block of terms and read from there for every panel. The
+   same chains as dense_one's (the blocks only store them in C in between). */
+static void dense_packed(const float *A, int64_t sam, int64_t sak, const float *B, int64_t ldb, float *C,
+                         int64_t ldc, const float *bias, int64_t M, int64_t N, int64_t K) {
+    float strip[STRIP_TERMS * 6], bv[6];
+    const float *a[6], *s[6];
+    float *c[6];
+    for (int r = 0; r < 6; ++r) s[r] = strip + r;
+    for (int64_t k0 = 0; k0 < K; k0 += STRIP_TERMS) {
+        const int64_t kc = K - k0 < STRIP_TERMS ? K - k0 : STRIP_TERMS;
+        const int first = k0 == 0, last = k0 + kc == K;
+        for (int64_t m = 0; m < M;) {
+            const int mr = M - m >= 6 ? 6 : (int)(M - m);
+            for (int r = 0; r < mr; ++r) {
+                a[r] = A + (m + r) * sam;
+                if (bias && last) bv[r] = bias[m + r];
+            }
+            pack_strip(mr, a, sak, 0, k0, kc, strip);
+            for (int64_t j = 0; j < N;) {
+                const int64_t nj = panel_width(N - j);
+                for (int r = 0; r < mr; ++r) c[r] = C + (m + r) * ldc + j;
+                list_tile(mr, nj, s, mr, 0, 0, B + k0 * ldb + j, ldb, c, bias && last ? bv : 0, kc, first);
+                j += nj;
+            }
+            m += mr;
+        }
+    }
+}
+
 /* For each of patients p = p0 .. p1 - 1: C_p[m, j] = sum_k A_p[m, k] B_p[k, j] (+ bias_p[m]), with
    A_p[m, k] at A + p * sap + m * sam + k * sak (any layout: a weight or its transpose), B_p's rows
    ldb apart and contiguous (bt = 0) or B_p given as its transpose, rows of K ldb apart (bt = 1),
@@ -299,9 +343,14 @@ int vp_dense_fast(void) { return 0; }
 void vp_dense(const float *A, int64_t sap, int64_t sam, int64_t sak, const float *B, int64_t sbp,
               int64_t ldb, int64_t bt, float *panel, float *C, int64_t scp, int64_t ldc, const float *bias,
               int64_t sbias, int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K) {
-    for (int64_t p = p0; p < p1; ++p)
-        dense_one(A + p * sap, sam, sak, B + p * sbp, ldb, (int)bt, panel, C + p * scp, ldc,
-                  bias ? bias + p * sbias : 0, M, N, K);
+    for (int64_t p = p0; p < p1; ++p) {
+        if (sak != 1 && !bt)
+            dense_packed(A + p * sap, sam, sak, B + p * sbp, ldb, C + p * scp, ldc, bias ? bias + p * sbias : 0,
+                         M, N, K);
+        else
+            dense_one(A + p * sap, sam, sak, B + p * sbp, ldb, (int)bt, panel, C + p * scp, ldc,
+                      bias ? bias + p * sbias : 0, M, N, K);
+    }
 }
 
 /* Ints per tile of vp_dense_tiles: patient, rows, full (1: every term), then 6 row indices. */
@@ -311,16 +360,17 @@ void vp_dense(const float *A, int64_t sap, int64_t sam, int64_t sak, const float
    patient, each row of C in at most one tile), each over the terms k listed for it
    (lidx[lptr[t] .. lptr[t + 1]), ascending) or, for a full tile, every term. Each output is the
    chain over its tile's terms, which is vp_dense's chain when the A entries left out are 0. B's
-   rows ldb apart and contiguous. Terms come in blocks of KC when A is read through a transpose.
-   Strides and the rest as vp_dense. */
+   rows ldb apart and contiguous. When A is read through a transpose, each tile's rows of A are
+   first packed into a strip for its terms (a block of STRIP_TERMS terms at a time). Strides and
+   the rest as vp_dense. */
 void vp_dense_tiles(const float *A, int64_t sap, int64_t sam, int64_t sak, const float *B, int64_t sbp,
                     int64_t ldb, float *C, int64_t scp, int64_t ldc, const float *bias, int64_t sbias,
                     const int32_t *tiles, const int64_t *lptr, const int32_t *lidx, int64_t t0, int64_t t1,
                     int64_t N, int64_t K) {
-    const float *a[6];
+    const float *a[6], *s[6];
     float *c[6];
-    float bv[6];
-    const int64_t block = sak == 1 ? K : KC;
+    float bv[6], strip[STRIP_TERMS * 6];
+    const int64_t block = sak == 1 ? K : STRIP_TERMS;
     for (int64_t k0 = 0; k0 < K; k0 += block) {
         const int64_t kc = K - k0 < block ? K - k0 : block;
         const int first = k0 == 0, last = k0 + kc == K;
@@ -343,11 +393,17 @@ void vp_dense_tiles(const float *A, int64_t sap, int64_t sam, int64_t sak, const
                 a[r] = A + p * sap + row * sam + (terms ? 0 : k0 * sak);
                 if (bias && last) bv[r] = bias[p * sbias + row];
             }
+            const int packed = sak != 1;
+            if (packed) {
+                pack_strip(mr, a, sak, terms, 0, n_terms, strip);
+                for (int r = 0; r < mr; ++r) s[r] = strip + r;
+            }
             const float *Bp = B + p * sbp + (terms ? 0 : k0 * ldb);
             for (int64_t j = 0; j < N;) {
                 const int64_t nj = panel_width(N - j);
                 for (int r = 0; r < mr; ++r) c[r] = C + p * scp + tile[3 + r] * ldc + j;
-                list_tile(mr, nj, a, sak, terms, Bp + j, ldb, c, bias && last ? bv : 0, n_terms, first);
+                list_tile(mr, nj, packed ? s : a, packed ? mr : sak, terms, packed, Bp + j, ldb, c,
+                          bias && last ? bv : 0, n_terms, first);
                 j += nj;
             }
         }
@@ -387,7 +443,7 @@ void vp_dense_wgrad(const float *A, int64_t sap, int64_t sam, const float *B, in
                         a[r] = Ap + tile[3 + r] * sam;
                         c[r] = C + p * scp + tile[3 + r] * ldc + j + part;
                     }
-                    list_tile(mr, full2 ? 2 * DL : w, a, 1, 0, panel + part, 2 * DL, c, 0, K, 1);
+                    list_tile(mr, full2 ? 2 * DL : w, a, 1, 0, 0, panel + part, 2 * DL, c, 0, K, 1);
                     if (full2) break;
                 }
             }
