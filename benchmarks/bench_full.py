@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="run folder (default: in memory, nothing written)")
     args = parser.parse_args(argv)
 
+    from bench_trial import isa_line  # the figures depend on it: printed beside them
+
     from virtualpatient import ClinicalTrial, load_study
     from virtualpatient.distributed import local_pool
     from virtualpatient.engine import native, ops
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         executor = local_pool(args.workers)  # what `virtualpatient reproduce` uses
     print(f"bench_full    python {platform.python_version()}  torch {torch.__version__}  cpus {os.cpu_count()}  "
           f"workers {args.workers}  threads {1 if args.workers > 1 else torch.get_num_threads()}  "
-          f"sparse {native.backend('cpu')}  onednn {ops.onednn_available()}")
+          f"sparse {native.backend('cpu')}  onednn {ops.onednn_available()}  {isa_line()}")
     cfg = protocol.longitudinal
     print(f"protocol      {protocol.name}  patients {protocol.n_patients}  patients_per_unit {per_unit}  "
           f"durations {','.join(map(str, cfg.durations))}  washout_steps {cfg.washout_steps}")
