@@ -7,10 +7,15 @@ ketamine-like arm's training may run on it without moving a number; the engine u
 ``EngineConfig.native_dense`` is on and the first-use check :func:`ops.dense_matches_onednn`
 passes. Tests compare with oneDNN itself (exact equality), on shapes with vector tails for 8- and
 16-float vectors, and train a reduced network both ways.
+
+Single-sample products (the constant units' share in a reduced network's step) go through
+oneDNN's matrix-vector kernels instead, in another order; ``vp_gemv`` and ``vp_gemv_t`` keep the
+one found on AVX2 machines, checked by :func:`ops.gemv_matches_onednn` the same way.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import test_isa_kernels as isa
 import test_reduction as red
@@ -152,3 +157,109 @@ def test_default_takes_it_with_one_thread_and_8_float_kernels(monkeypatch):
                 assert not ops._native_dense(w, torch.zeros(2, 30, 4000))
     finally:
         torch.set_num_threads(threads)
+
+
+def _fma(a, b, c):
+    """float32 ``fma(a, b, c)``: the product is exact in float64, the sum is rounded once to float32
+    (twice in principle, through float64; a double rounding that changed a result here would be
+    a 1-in-2^29 event per term)."""
+    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+
+
+def _gemv_order(w_row, x):
+    """oneDNN's single-sample forward order on AVX2 (``kernels/dense.c``): eight lanes, lane k mod 8
+    a chain in ascending k; lanes folded as l + (l + 4), then summed in pairs."""
+    lane = [np.float32(0)] * 8
+    for k, (a, b) in enumerate(zip(w_row, x)):
+        lane[k % 8] = _fma(a, b, lane[k % 8])
+    a = [np.float32(lane[i] + lane[i + 4]) for i in range(4)]
+    return np.float32(np.float32(a[0] + a[1]) + np.float32(a[2] + a[3]))
+
+
+def _chain(column, g):
+    acc = np.float32(0)
+    for a, b in zip(column, g):
+        acc = _fma(a, b, acc)
+    return acc
+
+
+@pytest.mark.parametrize("shape", [(3, 1), (5, 7), (4, 8), (6, 9), (37, 45), (11, 242), (2, 1024)])
+def test_one_sample_products_follow_their_stated_order(shape):
+    """``vp_gemv`` sums each output in the lane order it documents and ``vp_gemv_t`` as one chain,
+    for every tail length; computed independently here in float64 (on any machine: the kernels'
+    vector and scalar paths give the same bits)."""
+    n_out, n_in = shape
+    gen = torch.Generator().manual_seed(n_out * 1000 + n_in)
+    w = torch.randn(2, n_out, n_in, generator=gen)
+    c, g = torch.randn(2, n_in, 1, generator=gen), torch.randn(2, n_out, 1, generator=gen)
+    fwd = native.gemv(w, c, torch.empty(2, n_out, 1))
+    bwd = native.gemv(w, g, torch.empty(2, n_in, 1), transpose=True)
+    wn, cn, gn = w.numpy(), c.numpy()[:, :, 0], g.numpy()[:, :, 0]
+    for p in range(2):
+        assert [_gemv_order(wn[p, i], cn[p]) for i in range(n_out)] == fwd[p, :, 0].tolist()
+        assert [_chain(wn[p, :, j], gn[p]) for j in range(n_in)] == bwd[p, :, 0].tolist()
+
+
+def test_one_sample_products_equal_onednn():
+    """Where the first-use check passes (AVX2 oneDNN, one thread), both one-sample products equal
+    the oneDNN calls they replace on shapes the check does not use; ``W^T g`` for one output is
+    oneDNN's dot product (another order) and stays with oneDNN."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if not ops.gemv_matches_onednn():
+            pytest.skip("this oneDNN sums single samples in another order (e.g. 16-float vectors): oneDNN stays")
+        gen = torch.Generator().manual_seed(17)
+        for n_out, n_in in ((167, 31), (1, 300), (300, 2), (512, 512), (9, 1000)):
+            w = torch.randn(3, n_out, n_in, generator=gen)
+            c, g = torch.randn(3, n_in, 1, generator=gen), torch.randn(3, n_out, 1, generator=gen)
+            fwd = native.gemv(w, c, torch.empty(3, n_out, 1))
+            bwd = native.gemv(w, g, torch.empty(3, n_in, 1), transpose=True)
+            for p in range(3):
+                assert torch.equal(fwd[p], ops._mm(w[p], c[p].t()))
+                assert torch.equal(bwd[p], ops._mm(g[p].t(), w[p].t()).t())
+        with engine_options(native_dense=True):
+            assert ops._native_gemv(torch.zeros(1, 4, 2), torch.zeros(1, 4, 1), transpose=True)
+            assert not ops._native_gemv(torch.zeros(1, 4, 1), torch.zeros(1, 4, 1), transpose=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_reduced_training_takes_the_one_sample_kernels(monkeypatch):
+    """A reduced network's step computes its constant units' share with ``vp_gemv`` and its input
+    gradient with ``vp_gemv_t`` when enabled, and trains to the same weights, bit for bit, as
+    with oneDNN's kernels (three epochs, constant units in every hidden layer)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if not (ops.gemv_matches_onednn() and ops.dense_matches_onednn()):
+            pytest.skip("this oneDNN sums in other orders: oneDNN stays")
+        calls = {False: 0, True: 0}
+        real = native.gemv
+        monkeypatch.setattr(native, "gemv", lambda *a, **k: calls.__setitem__(k.get("transpose", False),
+                                                                               calls[k.get("transpose", False)] + 1)
+                            or real(*a, **k))
+        options = {"sparse_backend": "off", "onednn_min_weights": 0}
+        start = red._params(4)
+        base, _ = red._train(start.clone(), {**options, "native_dense": False})
+        assert calls == {False: 0, True: 0}
+        mine, _ = red._train(start.clone(), {**options, "native_dense": True})
+        assert calls[False] > 0 and calls[True] > 0
+        for a, c in zip(base.weights + base.biases, mine.weights + mine.biases):
+            assert torch.equal(a, c)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_gemv_rejects_mismatched_shapes():
+    """``native.gemv`` refuses a column of the wrong length or strided rows rather than read past them."""
+    with pytest.raises(ValueError, match="do not match"):
+        native.gemv(torch.zeros(1, 4, 3), torch.zeros(1, 4, 1), torch.zeros(1, 4, 1))
+    with pytest.raises(ValueError, match="contiguous"):
+        native.gemv(torch.zeros(1, 4, 6)[:, :, ::2], torch.zeros(1, 3, 1), torch.zeros(1, 4, 1))
+
+
+def test_each_instruction_set_build_sums_one_sample_products_alike(target):
+    """The AVX-512, AVX2 + FMA and native builds give ``vp_gemv``'s and ``vp_gemv_t``'s stated
+    orders too (whether oneDNN sums that way is the first-use check's question, per machine)."""
+    test_one_sample_products_follow_their_stated_order((6, 45))

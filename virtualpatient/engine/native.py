@@ -183,6 +183,10 @@ def _compile(march: str = "native") -> ctypes.CDLL | None:
     lib.vp_dense_tiles.restype = None
     lib.vp_dense_wgrad.argtypes = [p, i, i, p, i, i, p, p, i, i, p, i, p, p, i, i, i, i]
     lib.vp_dense_wgrad.restype = None
+    lib.vp_gemv.argtypes = [p, i, i, p, i, p, i, i, i, i, i]
+    lib.vp_gemv.restype = None
+    lib.vp_gemv_t.argtypes = [p, i, i, p, i, p, i, i, i, i, i]
+    lib.vp_gemv_t.restype = None
     lib.vp_dense_fast.argtypes = []
     lib.vp_dense_fast.restype = ctypes.c_int
     lib.vp_march = march
@@ -470,6 +474,21 @@ def dense_wgrad(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, pairs: Grad
                            _ptr(pairs.ptr), _ptr(pairs.pairs), p0, p1, n, k)
 
     _run_parts(_split_blocks(n_patients, n_patients * m * n * k), run)
+    return out
+
+
+def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """One-sample products through ``vp_gemv`` (``out[p] = w[p] @ x[p]``, ``x`` ``[P, in, 1]``, in the order
+    of oneDNN's matrix-vector kernel on AVX2) or, with ``transpose``, ``vp_gemv_t`` (``out[p] = w[p]^T
+    @ x[p]``, ``x`` ``[P, out, 1]``, one chain per output). ``w`` ``[P, out, in]`` with contiguous rows;
+    ``x`` and ``out`` contiguous per patient; float32 on the CPU (kernels/dense.c)."""
+    n_patients, m, k = w.shape
+    if w.stride(2) != 1 or x.shape[2] != 1 or out.shape[2] != 1 or x.stride(1) != 1 or out.stride(1) != 1:
+        raise ValueError("vp_gemv needs rows of w contiguous and one contiguous column per patient in x and out")
+    if x.shape[1] != (m if transpose else k) or out.shape[1] != (k if transpose else m):
+        raise ValueError(f"vp_gemv: shapes {tuple(w.shape)}, {tuple(x.shape)} -> {tuple(out.shape)} do not match")
+    fn = _native_lib().vp_gemv_t if transpose else _native_lib().vp_gemv
+    fn(_ptr(w), w.stride(0), w.stride(1), _ptr(x), x.stride(0), _ptr(out), out.stride(0), 0, n_patients, m, k)
     return out
 
 

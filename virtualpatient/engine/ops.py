@@ -273,6 +273,48 @@ def dense_matches_onednn() -> bool:
     return ok
 
 
+def gemv_matches_onednn() -> bool:
+    """Whether ``vp_gemv`` and ``vp_gemv_t`` give the one-sample products of :func:`dense_forward`
+    and :func:`dense_backward` (``W c`` and ``W^T g`` for a single sample: the constant units'
+    share in a reduced network's step) with this oneDNN's numbers, bit for bit.
+
+    oneDNN computes them with its matrix-vector kernels, not as one chain per output:
+    ``kernels/dense.c`` keeps the order found on AVX2 machines. Checked once per loaded library on
+    sums of 1 to 1,024 terms with every tail length, against the calls the engine makes otherwise
+    (``W^T g`` for two or more outputs: a single one is a dot product, in oneDNN's vector order)."""
+    lib = native._native_lib()
+    if lib is None or not onednn_available():
+        return False
+    ok = getattr(lib, "vp_gemv_ok", None)
+    if ok is None:
+        ok = True
+        gen = torch.Generator().manual_seed(20261203)
+        for n_out, n_in in ((37, 45), (64, 2), (3, 1), (13, 1024), (458, 242), (20, 503)):
+            w = torch.randn(1, n_out, n_in, generator=gen)
+            c = torch.randn(1, n_in, 1, generator=gen)
+            g = torch.randn(1, n_out, 1, generator=gen)
+            ok = ok and torch.equal(native.gemv(w, c, torch.empty(1, n_out, 1))[0], _mm(w[0], c[0].t()))
+            if n_in >= 2:
+                mine = native.gemv(w, g, torch.empty(1, n_in, 1), transpose=True)[0]
+                ok = ok and torch.equal(mine, _mm(g[0].t(), w[0].t()).t())
+        lib.vp_gemv_ok = ok
+    return ok
+
+
+def _native_gemv(weight: torch.Tensor, *tensors: torch.Tensor, transpose: bool = False) -> bool:
+    """Whether a dense layer's one-sample product (``W c``, or ``W^T g`` with ``transpose``) goes
+    through ``vp_gemv`` / ``vp_gemv_t``: where ``vp_dense`` is wanted
+    (:attr:`~virtualpatient.engine.settings.EngineConfig.native_dense`) and they give oneDNN's
+    numbers (:func:`gemv_matches_onednn`), for sums of at most 1,024 terms."""
+    wanted = settings.ENGINE.native_dense
+    if wanted is None:  # as for vp_dense: with one thread (oneDNN may split the work over more)
+        wanted = torch.get_num_threads() == 1 and native.kernels_available()
+    # W^T g for one output is oneDNN's dot product, in the forward's order, not one chain
+    shape_ok = max(weight.shape[1:]) <= _CHAIN_MAX_K and (not transpose or weight.shape[2] >= 2)
+    return (bool(wanted) and shape_ok and weight.stride(2) == 1 and _use_onednn(weight, *tensors)
+            and native.usable(weight, *tensors) and gemv_matches_onednn())
+
+
 def _native_dense(weight: torch.Tensor, xt: torch.Tensor, *grads: torch.Tensor, wide: bool = False) -> bool:
     """Whether the products of a dense layer ``weight`` ``[P, out, in]`` with ``xt`` ``[P, in, n]``
     (and, given ``grads``, its backward products) go through ``vp_dense`` (see
@@ -301,6 +343,10 @@ def dense_forward(weight: torch.Tensor, bias: torch.Tensor, xt: torch.Tensor,
     asked for only where ``vp_dense`` computes the product: its tiles then skip the zero weights.
     """
     weight, bias = weight.detach(), bias.detach()
+    if onednn and xt.shape[2] == 1 and _native_gemv(weight, xt):  # one sample: oneDNN's vector order
+        if out is None:
+            out = torch.empty(weight.shape[0], weight.shape[1], 1, dtype=xt.dtype, device=xt.device)
+        return native.gemv(weight, xt.contiguous(), out).add_(bias.unsqueeze(2))
     plan = _forward_tiles(weight, xt, tiles) if onednn else None
     if plan is not None or (onednn and _native_dense(weight, xt)):
         if out is None:
@@ -338,7 +384,7 @@ def dense_products(weight: torch.Tensor, xt: torch.Tensor, onednn: bool = True,
     :func:`dense_forward` does."""
     weight = weight.detach()
     if (not (onednn and _use_onednn(weight, xt)) or _native_dense(weight, xt)
-            or _forward_tiles(weight, xt, tiles) is not None):
+            or _forward_tiles(weight, xt, tiles) is not None or (xt.shape[2] == 1 and _native_gemv(weight, xt))):
         return None  # the native products write into the layer's buffer, bias added: dense_forward
     return [_mm(w, x.t()) for w, x in zip(weight, xt)]  # [out, in] @ [in, n]
 
@@ -389,7 +435,9 @@ def dense_backward(weight: torch.Tensor, gz: torch.Tensor, xt: torch.Tensor, nee
         if stacked:
             gw = torch.stack(gw)
     gx = None
-    if need_input:  # W^T gz as (gz^T W)^T: oneDNN reads W where it lies; given W^T as a strided view
+    if need_input and n == 1 and _native_gemv(weight, gz, transpose=True):
+        gx = native.gemv(weight, gz, out if out is not None else torch.empty_like(xt), transpose=True)
+    elif need_input:  # W^T gz as (gz^T W)^T: oneDNN reads W where it lies; given W^T as a strided view
         # it copies it first (2x slower on 512 x 512, on AVX-512 and AVX2 alike: bench_levers --only
         # flops). It copies gz^T instead (the smaller operand: [n, out]). The same sums in the same
         # order: the same bits (checked on AVX-512 and AVX2, square and odd live-block shapes).

@@ -464,3 +464,75 @@ void vp_dense_wgrad(const float *A, int64_t sap, int64_t sam, const float *B, in
         t = t_end;
     }
 }
+
+/* One-sample products: the constant units' share of the next layer's bias, W c, and its input
+   gradient W^T g (a batch of one column). oneDNN computes these through its matrix-vector kernels,
+   in other orders than its matrix products:
+
+   - W c (vp_gemv): each output's terms k go to eight lanes, lane k mod 8, each lane one fused
+     multiply-add chain in ascending k; then the lanes are folded, l + (l + 4) for l < 4, and summed
+     in pairs, (0 + 1) + (2 + 3). That is oneDNN's order on AVX2 machines for sums of up to 1,024
+     terms (ops.gemv_matches_onednn checks it on first use; with wider vectors it differs).
+   - W^T g (vp_gemv_t): one chain per output in ascending term order, as vp_dense.
+
+   Neither depends on the build's vectors: the scalar loops give the same bits. */
+static inline float gemv_row(const float *w, const float *x, int64_t K) {
+    float lane[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t k = 0;
+#if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), acc);
+    _mm256_storeu_ps(lane, acc);
+#endif
+    for (; k < K; ++k) lane[k & 7] = __builtin_fmaf(w[k], x[k], lane[k & 7]);
+    const float a0 = lane[0] + lane[4], a1 = lane[1] + lane[5], a2 = lane[2] + lane[6], a3 = lane[3] + lane[7];
+    return (a0 + a1) + (a2 + a3);
+}
+
+/* y_p[m] = sum_k W_p[m, k] x_p[k] in oneDNN's order above, for patients p0 .. p1 - 1: W_p's rows sam
+   apart and contiguous, x_p and y_p contiguous. */
+void vp_gemv(const float *W, int64_t swp, int64_t sam, const float *x, int64_t sxp, float *y, int64_t syp,
+             int64_t p0, int64_t p1, int64_t M, int64_t K) {
+    for (int64_t p = p0; p < p1; ++p)
+        for (int64_t m = 0; m < M; ++m) y[p * syp + m] = gemv_row(W + p * swp + m * sam, x + p * sxp, K);
+}
+
+/* y_p[k] = sum_m W_p[m, k] g_p[m], one chain per output in ascending m (vp_dense's order), for
+   patients p0 .. p1 - 1: W_p's rows sam apart and contiguous, g_p and y_p contiguous. Outputs go
+   four vectors at a time down the rows (each row's piece contiguous). */
+void vp_gemv_t(const float *W, int64_t swp, int64_t sam, const float *g, int64_t sgp, float *y, int64_t syp,
+               int64_t p0, int64_t p1, int64_t M, int64_t K) {
+    for (int64_t p = p0; p < p1; ++p) {
+        const float *Wp = W + p * swp, *gp = g + p * sgp;
+        float *yp = y + p * syp;
+        int64_t k = 0;
+#if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
+        for (; k + 32 <= K; k += 32) {
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+            for (int64_t m = 0; m < M; ++m) {
+                const float *row = Wp + m * sam + k;
+                const __m256 gm = _mm256_set1_ps(gp[m]);
+                acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(row), gm, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(row + 8), gm, acc1);
+                acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(row + 16), gm, acc2);
+                acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(row + 24), gm, acc3);
+            }
+            _mm256_storeu_ps(yp + k, acc0);
+            _mm256_storeu_ps(yp + k + 8, acc1);
+            _mm256_storeu_ps(yp + k + 16, acc2);
+            _mm256_storeu_ps(yp + k + 24, acc3);
+        }
+        for (; k + 8 <= K; k += 8) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t m = 0; m < M; ++m)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(Wp + m * sam + k), _mm256_set1_ps(gp[m]), acc);
+            _mm256_storeu_ps(yp + k, acc);
+        }
+#endif
+        for (; k < K; ++k) {
+            float acc = 0.0f;
+            for (int64_t m = 0; m < M; ++m) acc = __builtin_fmaf(Wp[m * sam + k], gp[m], acc);
+            yp[k] = acc;
+        }
+    }
+}
