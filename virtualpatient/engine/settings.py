@@ -46,7 +46,11 @@ class EngineConfig:
         alternated runs, the same weights bit for bit). With several threads its rows are split
         over them, but an in-process run of the quick study with 2 threads took 22.7-24.5 s with
         it and 20.8-21.8 s with oneDNN's threading, so it stays off there; with AVX-512 kernels it
-        stays off until it is measured there (docs/performance.md).
+        stays off until it is measured there (docs/performance.md). The same setting governs
+        the one-sample products (``vp_gemv``, ``vp_gemv_t``: the constant units' share in a
+        reduced step), which follow oneDNN's matrix-vector order where
+        :func:`~virtualpatient.engine.ops.gemv_matches_onednn` finds it; by default with one
+        torch thread, whatever the vector width.
     skip_zeros
         Where ``vp_dense`` computes a masked dense layer's products, skip the zero weights
         (:mod:`virtualpatient.engine.tiles`): the forward product and the input gradient run each
