@@ -280,8 +280,9 @@ def gemv_matches_onednn() -> bool:
 
     oneDNN computes them with its matrix-vector kernels, not as one chain per output:
     ``kernels/dense.c`` keeps the order found on AVX2 machines. Checked once per loaded library on
-    sums of 1 to 1,024 terms with every tail length, against the calls the engine makes otherwise
-    (``W^T g`` for two or more outputs: a single one is a dot product, in oneDNN's vector order)."""
+    six shapes (sums of 1 to 1,024 terms, five lengths of vector tail), against the calls the
+    engine makes otherwise (``W^T g`` for two or more outputs: a single one is a dot product, in
+    oneDNN's vector order)."""
     lib = native._native_lib()
     if lib is None or not onednn_available():
         return False
