@@ -273,6 +273,18 @@ def dense_matches_onednn() -> bool:
     return ok
 
 
+def _native_wanted(any_width: bool = False) -> bool:
+    """:attr:`~virtualpatient.engine.settings.EngineConfig.native_dense`, its default (``None``)
+    resolved: on with one torch thread (oneDNN may split work over more) and the kernels built,
+    for ``vp_dense`` also only with 8-float vectors, where it was measured faster
+    (docs/performance.md); the one-sample kernels (``any_width``) take any width."""
+    wanted = settings.ENGINE.native_dense
+    if wanted is None:
+        return (torch.get_num_threads() == 1 and native.kernels_available()
+                and (any_width or native.dense_vector_width() == 8))
+    return bool(wanted)
+
+
 def gemv_matches_onednn() -> bool:
     """Whether ``vp_gemv`` and ``vp_gemv_t`` give the one-sample products of :func:`dense_forward`
     and :func:`dense_backward` (``W c`` and ``W^T g`` for a single sample: the constant units'
@@ -307,12 +319,9 @@ def _native_gemv(weight: torch.Tensor, *tensors: torch.Tensor, transpose: bool =
     through ``vp_gemv`` / ``vp_gemv_t``: where ``vp_dense`` is wanted
     (:attr:`~virtualpatient.engine.settings.EngineConfig.native_dense`) and they give oneDNN's
     numbers (:func:`gemv_matches_onednn`), for sums of at most 1,024 terms."""
-    wanted = settings.ENGINE.native_dense
-    if wanted is None:  # as for vp_dense: with one thread (oneDNN may split the work over more)
-        wanted = torch.get_num_threads() == 1 and native.kernels_available()
     # W^T g for one output is oneDNN's dot product, in the forward's order, not one chain
     shape_ok = max(weight.shape[1:]) <= _CHAIN_MAX_K and (not transpose or weight.shape[2] >= 2)
-    return (bool(wanted) and shape_ok and weight.stride(2) == 1 and _use_onednn(weight, *tensors)
+    return (_native_wanted(any_width=True) and shape_ok and weight.stride(2) == 1 and _use_onednn(weight, *tensors)
             and native.usable(weight, *tensors) and gemv_matches_onednn())
 
 
@@ -322,10 +331,7 @@ def _native_dense(weight: torch.Tensor, xt: torch.Tensor, *grads: torch.Tensor, 
     :attr:`~virtualpatient.engine.settings.EngineConfig.native_dense`): where each of their sums
     (over ``in``; backward also over ``out`` and ``n``) is one chain in oneDNN. ``wide``: any
     number of samples (a tiled forward product, computed in blocks of columns)."""
-    wanted = settings.ENGINE.native_dense
-    if wanted is None:  # where it was measured faster: 8-float vectors, one thread (docs/performance.md)
-        wanted = torch.get_num_threads() == 1 and native.kernels_available() and native.dense_vector_width() == 8
-    if not wanted:
+    if not _native_wanted():
         return False
     n_out, n_in, n = *weight.shape[1:], xt.shape[2]
     longest = max(n_in, n_out, n) if grads else n_in
